@@ -1,0 +1,1 @@
+"""Microbenchmarks of the kdkernels ops against eager PyTorch and torch.compile: python -m bench."""

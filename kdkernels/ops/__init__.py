@@ -1,0 +1,1 @@
+"""Fake kernels and autograd for the compiled kdkernels._C operators, one file per op."""

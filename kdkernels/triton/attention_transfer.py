@@ -1,0 +1,464 @@
+"""Attention transfer in Triton: kernels, launcher and autograd registration in one place.
+
+The math mirrors the C++/CUDA kernels (csrc/common/attention_transfer.h and bilinear.h):
+
+* map kernel, grid (cdiv(N, BLOCK_N), B): m[b, n] = mean_c |y[b, c, n]|^p on the teacher's
+  Ho x Wo grid, y the input itself or (student only, RESIZE) its bilinear resample
+  (align_corners=False) read straight from the 4 taps, so no resized tensor ever exists. A
+  [BLOCK_C, BLOCK_N] tile is loaded through the element strides and reduced over channels.
+* finalize kernel, grid (B,): pass 1 the L2 norms of ms[b] and mt[b], pass 2 the per-sample sum
+  of squared differences and <as, d>, pass 3 coeff = d loss / d ms. The loss is the fixed-order
+  sum of the per-sample partials (no float atomics: deterministic).
+* backward kernel, grid (cdiv(Hs * Ws, BLOCK_N), cdiv(Cs, BLOCK_C), B): grad_fs = g / Cs * sum
+  over the output pixels o that read (h, w) of weight * coeff[b, o] * dpow(y[b, c, o]). Without a
+  resize o = (h, w); with one it is a gather over a short window of output rows and columns
+  (deterministic, no atomics) that recomputes y at o from its taps.
+
+attention_transfer(fs, ft, p, reduction) is the entry point; kdkernels::attention_transfer_triton
+returns (loss, coeff) and kdkernels::attention_transfer_triton_backward maps (g, fs, coeff, p) to
+grad_fs. On the GPU both are torch.library.triton_op custom ops, so torch.compile(fullgraph=True)
+traces into them and Inductor sees the kernels. Under TRITON_INTERPRET=1 (CPU tensors) the same
+bodies are registered with torch.library.custom_op instead (see _define_op) and run eagerly.
+Tensors are read and written through their element strides (NCHW, channels_last, slices) with
+int64 offsets; nothing is copied to contiguous form and no resized tensor is made.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+__all__ = ["attention_transfer"]
+
+# Tiles. The map and backward kernels load [BLOCK_C, BLOCK_N] tiles (2048 elements, 4 warps):
+# NCHW-like inputs (pixels contiguous) take few channels by many pixels, so each tile row is a
+# 256-element contiguous run; channels_last inputs (channels contiguous) take 32 channels (a
+# 128-byte fp32 / 64-byte half run per pixel) by 64 pixels. The finalize kernel streams one
+# sample's B x N maps in 1024-element blocks.
+_TILE_PIXELS_CONTIGUOUS = (8, 256)  # (BLOCK_C, BLOCK_N)
+_TILE_CHANNELS_CONTIGUOUS = (32, 64)
+_BLOCK_FINALIZE = 1024
+_NUM_WARPS = 4
+
+# L2-normalisation epsilon (F.normalize's default), built exactly in the accumulation type.
+_EPS = tl.constexpr(1e-12)
+
+
+# --- device helpers -------------------------------------------------------------------------
+
+
+@triton.jit
+def _div(x, y):
+    """x / y rounded to nearest (Triton's fp32 '/' is approximate on the GPU).
+
+    y may be a float or an int, tensor or constexpr (the JIT turns int arguments equal to 1
+    into constexprs), hence the promotions by arithmetic rather than .to().
+    """
+    if x.dtype.is_fp64():
+        r = x / y
+    else:
+        r = tl.math.div_rn(x, y * 1.0)
+    return r
+
+
+@triton.jit
+def _power(v, p, P: tl.constexpr):
+    """|v|^p; P == 2 and P == 4 are the fast paths, P == 0 the general exponent (0 at v == 0)."""
+    if P == 2:
+        r = v * v
+    elif P == 4:
+        v2 = v * v
+        r = v2 * v2
+    else:
+        a = tl.abs(v)
+        nz = a != 0
+        r = tl.where(nz, tl.exp2(p * tl.log2(tl.where(nz, a, 1.0))), 0.0)
+    return r
+
+
+@triton.jit
+def _power_grad(v, p, P: tl.constexpr):
+    """d|v|^p / dv = p |v|^(p-1) sign(v), taken as 0 at v == 0."""
+    if P == 2:
+        r = 2.0 * v
+    elif P == 4:
+        r = 4.0 * v * v * v
+    else:
+        a = tl.abs(v)
+        nz = a != 0
+        mag = p * tl.exp2((p - 1.0) * tl.log2(tl.where(nz, a, 1.0)))
+        r = tl.where(v > 0, mag, tl.where(v < 0, -mag, 0.0))
+    return r
+
+
+@triton.jit
+def _taps(o, size, scale):
+    """PyTorch bilinear (align_corners=False) taps of output index o: i0, i1, l0, l1 (fp32)."""
+    src = scale * (o.to(tl.float32) + 0.5) - 0.5
+    src = tl.maximum(src, 0.0)
+    i0 = tl.minimum(src.to(tl.int32), size - 1)  # src >= 0: truncation is floor
+    i1 = i0 + (i0 < size - 1).to(tl.int32)
+    l1 = src - i0.to(tl.float32)
+    l0 = 1.0 - l1
+    return i0, i1, l0, l1
+
+
+@triton.jit
+def _window_first(i, scale):
+    """First output index whose taps may touch input index i (bilinear_window_first)."""
+    lo = tl.math.div_rn(i.to(tl.float32) - 0.5, scale) - 0.5
+    first = tl.maximum(lo, 0.0).to(tl.int32) - 1
+    return tl.maximum(first, 0)
+
+
+@triton.jit
+def _pixel_offsets(n, W, sH, sW, sN, FLAT: tl.constexpr):
+    """Element offsets (int64) of flat pixel indices n of an H x W plane."""
+    if FLAT:  # the plane is one strided run (sH == W * sW, or H == 1, or W == 1)
+        off = n.to(tl.int64) * sN
+    else:
+        off = (n // W).to(tl.int64) * sH + (n % W).to(tl.int64) * sW
+    return off
+
+
+@triton.jit
+def _sample(base, coff, mask, h0, h1, w0, w1, lh0, lh1, lw0, lw1, sH, sW, ACC: tl.constexpr):
+    """Bilinear sample of a [BLOCK_C, BLOCK_N] tile from its 4 taps (bilinear.h's order)."""
+    r0 = h0.to(tl.int64) * sH
+    r1 = h1.to(tl.int64) * sH
+    c0 = w0.to(tl.int64) * sW
+    c1 = w1.to(tl.int64) * sW
+    x00 = tl.load(base + coff + (r0 + c0)[None, :], mask=mask, other=0.0).to(ACC)
+    x01 = tl.load(base + coff + (r0 + c1)[None, :], mask=mask, other=0.0).to(ACC)
+    x10 = tl.load(base + coff + (r1 + c0)[None, :], mask=mask, other=0.0).to(ACC)
+    x11 = tl.load(base + coff + (r1 + c1)[None, :], mask=mask, other=0.0).to(ACC)
+    top = lw0[None, :] * x00 + lw1[None, :] * x01
+    bot = lw0[None, :] * x10 + lw1[None, :] * x11
+    return lh0[None, :] * top + lh1[None, :] * bot
+
+
+# --- kernels --------------------------------------------------------------------------------
+
+
+@triton.jit
+def _at_map_kernel(
+    x_ptr, m_ptr,
+    C, H, W, Wo, N,
+    sB, sC, sH, sW, sN,
+    scale_h, scale_w, p,
+    P: tl.constexpr, RESIZE: tl.constexpr, FLAT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """m[b, n] = (1/C) sum_c |y[b, c, n]|^p over the Ho x Wo grid (N = Ho * Wo)."""
+    ACC: tl.constexpr = m_ptr.dtype.element_ty
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = n < N
+    base = x_ptr + b * sB
+    if RESIZE:
+        h0, h1, lh0, lh1 = _taps(n // Wo, H, scale_h)
+        w0, w1, lw0, lw1 = _taps(n % Wo, W, scale_w)
+    else:
+        off = _pixel_offsets(n, W, sH, sW, sN, FLAT)
+    acc = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC)
+    for c_start in range(0, C, BLOCK_C):
+        c = c_start + tl.arange(0, BLOCK_C)
+        mask = (c < C)[:, None] & mask_n[None, :]
+        coff = (c.to(tl.int64) * sC)[:, None]
+        if RESIZE:
+            v = _sample(base, coff, mask, h0, h1, w0, w1, lh0, lh1, lw0, lw1, sH, sW, ACC)
+        else:
+            v = tl.load(base + coff + off[None, :], mask=mask, other=0.0).to(ACC)
+        acc += _power(v, p, P)  # masked lanes load 0 and |0|^p = 0
+    m = _div(tl.sum(acc, axis=0), C)
+    tl.store(m_ptr + b * N + n, m, mask=mask_n)
+
+
+@triton.jit
+def _at_finalize_kernel(
+    ms_ptr, mt_ptr, coeff_ptr, partial_ptr,
+    N, denom,
+    BLOCK: tl.constexpr,
+):
+    """Per sample b: partial[b] = ||as - at||^2 and coeff[b] = d loss / d ms[b]."""
+    ACC: tl.constexpr = coeff_ptr.dtype.element_ty
+    b = tl.program_id(0).to(tl.int64)
+    s_ptr = ms_ptr + b * N
+    t_ptr = mt_ptr + b * N
+    c_ptr = coeff_ptr + b * N
+    eps = tl.full([], _EPS, ACC)
+    k = _div(tl.full([], 2.0, ACC), denom)  # 2 * reduction scale
+
+    # Pass 1: the norms.
+    ss = tl.zeros([BLOCK], dtype=ACC)
+    tt = tl.zeros([BLOCK], dtype=ACC)
+    for start in range(0, N, BLOCK):
+        n = start + tl.arange(0, BLOCK)
+        mask = n < N
+        s = tl.load(s_ptr + n, mask=mask, other=0.0)
+        t = tl.load(t_ptr + n, mask=mask, other=0.0)
+        ss += s * s
+        tt += t * t
+    ss_sum = tl.sum(ss, axis=0)
+    tt_sum = tl.sum(tt, axis=0)
+    if ss_sum.dtype.is_fp64():
+        norm_s = tl.sqrt(ss_sum)
+        norm_t = tl.sqrt(tt_sum)
+    else:
+        norm_s = tl.sqrt_rn(ss_sum)
+        norm_t = tl.sqrt_rn(tt_sum)
+    ns = tl.maximum(norm_s, eps)
+    nt = tl.maximum(norm_t, eps)
+
+    # Pass 2: sum of d^2 and <as, d>, d = as - at.
+    d2 = tl.zeros([BLOCK], dtype=ACC)
+    dt = tl.zeros([BLOCK], dtype=ACC)
+    for start in range(0, N, BLOCK):
+        n = start + tl.arange(0, BLOCK)
+        mask = n < N
+        a_s = _div(tl.load(s_ptr + n, mask=mask, other=0.0), ns)
+        d = a_s - _div(tl.load(t_ptr + n, mask=mask, other=0.0), nt)
+        d2 += d * d
+        dt += a_s * d
+    tl.store(partial_ptr + b, tl.sum(d2, axis=0))
+    # Below eps the norm is the constant eps: coeff = k * d / eps (no projection term).
+    dot = tl.where(norm_s > eps, tl.sum(dt, axis=0), 0.0)
+
+    # Pass 3: coeff = k * (d - as <as, d>) / ns.
+    for start in range(0, N, BLOCK):
+        n = start + tl.arange(0, BLOCK)
+        mask = n < N
+        a_s = _div(tl.load(s_ptr + n, mask=mask, other=0.0), ns)
+        d = a_s - _div(tl.load(t_ptr + n, mask=mask, other=0.0), nt)
+        tl.store(c_ptr + n, _div(k * (d - a_s * dot), ns), mask=mask)
+
+
+@triton.jit
+def _at_backward_kernel(
+    g_ptr, x_ptr, coeff_ptr, gx_ptr,
+    C, H, W, Ho, Wo,
+    sB, sC, sH, sW, sN,
+    gB, gC, gH, gW, gN,
+    scale_h, scale_w, win_h, win_w, p,
+    P: tl.constexpr, RESIZE: tl.constexpr, FLAT: tl.constexpr, GFLAT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """grad_x[b, c, h, w] = g / C * sum_o weight(o, (h, w)) * coeff[b, o] * dpow(y[b, c, o])."""
+    ACC: tl.constexpr = coeff_ptr.dtype.element_ty
+    pid_n = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input pixels
+    mask_n = n < H * W
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = c < C
+    k = _div(tl.load(g_ptr).to(ACC), C)  # upstream gradient / C, read on the device
+    base = x_ptr + b * sB
+    coff = (c.to(tl.int64) * sC)[:, None]
+    cf_base = coeff_ptr + b * Ho * Wo
+    if RESIZE:
+        hi = n // W
+        wi = n % W
+        first_h = _window_first(hi, scale_h)
+        first_w = _window_first(wi, scale_w)
+        acc = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC)
+        for dh in range(0, win_h):
+            ho = first_h + dh
+            h0, h1, lh0, lh1 = _taps(ho, H, scale_h)
+            # Weights in ACC: exact sums and products of the fp32 tap weights in float64.
+            wh = tl.where(h0 == hi, lh0.to(ACC), 0.0) + tl.where(h1 == hi, lh1.to(ACC), 0.0)
+            wh = tl.where(ho < Ho, wh, 0.0)
+            for dw in range(0, win_w):
+                wo = first_w + dw
+                w0, w1, lw0, lw1 = _taps(wo, W, scale_w)
+                ww = tl.where(w0 == wi, lw0.to(ACC), 0.0) + tl.where(w1 == wi, lw1.to(ACC), 0.0)
+                ww = tl.where(wo < Wo, ww, 0.0)
+                wgt = wh * ww
+                ok = mask_n & (wgt != 0.0)
+                y = _sample(base, coff, mask_c[:, None] & ok[None, :],
+                            h0, h1, w0, w1, lh0, lh1, lw0, lw1, sH, sW, ACC)
+                cf = tl.load(cf_base + ho.to(tl.int64) * Wo + wo, mask=ok, other=0.0)
+                acc += (wgt * cf)[None, :] * _power_grad(y, p, P)
+        gx = k * acc
+    else:
+        mask = mask_c[:, None] & mask_n[None, :]
+        off = _pixel_offsets(n, W, sH, sW, sN, FLAT)
+        v = tl.load(base + coff + off[None, :], mask=mask, other=0.0).to(ACC)
+        cf = tl.load(cf_base + n, mask=mask_n, other=0.0)
+        gx = (k * cf)[None, :] * _power_grad(v, p, P)
+    goff = _pixel_offsets(n, W, gH, gW, gN, GFLAT)
+    g_out = gx_ptr + b * gB + (c.to(tl.int64) * gC)[:, None] + goff[None, :]
+    tl.store(g_out, gx.to(gx_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_n[None, :])
+
+
+# --- host side ------------------------------------------------------------------------------
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _power_kind(p: float) -> int:
+    return 2 if p == 2.0 else (4 if p == 4.0 else 0)
+
+
+def _tile(x: torch.Tensor) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_N) for x's layout: channels contiguous (channels_last) or pixels."""
+    if x.shape[1] > 1 and x.stride(1) == 1:
+        return _TILE_CHANNELS_CONTIGUOUS
+    return _TILE_PIXELS_CONTIGUOUS
+
+
+def _flat(x: torch.Tensor) -> tuple[bool, int]:
+    """Whether x's H x W plane is one strided run, and that run's stride."""
+    H, W = x.shape[2], x.shape[3]
+    sH, sW = x.stride(2), x.stride(3)
+    if H == 1:
+        return True, sW
+    if W == 1:
+        return True, sH
+    if sH == W * sW:
+        return True, sW
+    return False, sW
+
+
+def _resize_params(size_in: int, size_out: int) -> tuple[float, int]:
+    """PyTorch's float32 scale in / out and the backward gather window (bilinear.h)."""
+    scale = np.float32(int(size_in)) / np.float32(int(size_out))
+    window = int(np.float32(2.0) / scale) + 4
+    return float(scale), window
+
+
+def _launch_map(x: torch.Tensor, m: torch.Tensor, p: float, power: int) -> None:
+    B, C, H, W = x.shape
+    Ho, Wo = m.shape[1], m.shape[2]
+    N = Ho * Wo
+    resize = (H, W) != (Ho, Wo)
+    scale_h = _resize_params(H, Ho)[0] if resize else 1.0
+    scale_w = _resize_params(W, Wo)[0] if resize else 1.0
+    flat, s_n = _flat(x)
+    block_c, block_n = _tile(x)
+    wrap_triton(_at_map_kernel)[(triton.cdiv(N, block_n), B)](
+        x, m, C, H, W, Wo, N,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3), s_n,
+        scale_h, scale_w, p,
+        P=power, RESIZE=resize, FLAT=flat, BLOCK_C=block_c, BLOCK_N=block_n,
+        num_warps=_NUM_WARPS,
+    )
+
+
+_DENOM = {"mean": lambda b, n: b * n, "batchmean": lambda b, n: b, "sum": lambda b, n: 1}
+
+
+def _interpreted(kernel) -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return False
+    return isinstance(kernel, InterpretedFunction)
+
+
+# One op body for both modes; only the decorator differs. On the GPU, triton_op: torch.compile
+# decomposes the op into its wrap_triton kernel calls, which Inductor sees and schedules. Under
+# TRITON_INTERPRET=1 @triton.jit gives InterpretedFunction objects, which wrap_triton hands back
+# unwrapped, so triton_op's decomposition (run on fake/functional tensors inside AOTAutograd)
+# would execute the interpreter on tensors without data; there the op is a plain custom_op,
+# opaque to torch.compile, whose body runs eagerly on real CPU tensors.
+_define_op = torch.library.custom_op if _interpreted(_at_map_kernel) else triton_op
+
+
+@_define_op("kdkernels::attention_transfer_triton", mutates_args=())
+def _attention_transfer_fwd(
+    fs: torch.Tensor, ft: torch.Tensor, p: float, reduction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, coeff): coeff[b, ho, wo] = d loss / d ms[b, ho, wo] for a unit upstream gradient."""
+    if reduction not in _DENOM:
+        raise ValueError(f"attention_transfer: unknown reduction {reduction!r}")
+    B, Ho, Wo = ft.shape[0], ft.shape[2], ft.shape[3]
+    N = Ho * Wo
+    acc = _acc_dtype(fs)
+    power = _power_kind(p)
+    ms = torch.empty((B, Ho, Wo), dtype=acc, device=fs.device)
+    mt = torch.empty((B, Ho, Wo), dtype=acc, device=fs.device)
+    coeff = torch.empty((B, Ho, Wo), dtype=acc, device=fs.device)
+    partial = torch.empty((B,), dtype=acc, device=fs.device)
+    _launch_map(fs, ms, p, power)
+    _launch_map(ft, mt, p, power)
+    denom = _DENOM[reduction](B, N)
+    wrap_triton(_at_finalize_kernel)[(B,)](
+        ms, mt, coeff, partial, N, denom, BLOCK=_BLOCK_FINALIZE, num_warps=_NUM_WARPS)
+    return partial.sum() / denom, coeff
+
+
+@_define_op("kdkernels::attention_transfer_triton_backward", mutates_args=())
+def _attention_transfer_bwd(
+    grad: torch.Tensor, fs: torch.Tensor, coeff: torch.Tensor, p: float
+) -> torch.Tensor:
+    """grad_fs for upstream gradient `grad` (0-dim), in fs's dtype and memory format."""
+    if coeff.dim() != 3 or not coeff.is_contiguous():
+        raise ValueError("attention_transfer_backward: coeff must be a contiguous (B, Ho, Wo) map")
+    B, C, H, W = fs.shape
+    Ho, Wo = coeff.shape[1], coeff.shape[2]
+    gx = torch.empty_like(fs)
+    resize = (H, W) != (Ho, Wo)
+    scale_h, win_h = _resize_params(H, Ho) if resize else (1.0, 1)
+    scale_w, win_w = _resize_params(W, Wo) if resize else (1.0, 1)
+    flat, s_n = _flat(fs)
+    gflat, g_n = _flat(gx)
+    block_c, block_n = _tile(fs)
+    grid = (triton.cdiv(H * W, block_n), triton.cdiv(C, block_c), B)
+    wrap_triton(_at_backward_kernel)[grid](
+        grad, fs, coeff, gx,
+        C, H, W, Ho, Wo,
+        fs.stride(0), fs.stride(1), fs.stride(2), fs.stride(3), s_n,
+        gx.stride(0), gx.stride(1), gx.stride(2), gx.stride(3), g_n,
+        scale_h, scale_w, win_h, win_w, p,
+        P=_power_kind(p), RESIZE=resize, FLAT=flat, GFLAT=gflat,
+        BLOCK_C=block_c, BLOCK_N=block_n, num_warps=_NUM_WARPS,
+    )
+    return gx
+
+
+# Explicit fake (meta) kernels, used on every device: triton_op could trace the bodies above
+# instead, but these are cheaper and the interpreter's custom_op needs them.
+@_attention_transfer_fwd.register_fake
+def _fake_fwd(fs, ft, p, reduction):
+    acc = _acc_dtype(fs)
+    loss = fs.new_empty((), dtype=acc)
+    coeff = fs.new_empty((ft.shape[0], ft.shape[2], ft.shape[3]), dtype=acc)
+    return loss, coeff
+
+
+@_attention_transfer_bwd.register_fake
+def _fake_bwd(grad, fs, coeff, p):
+    return torch.empty_like(fs)
+
+
+def _setup_context(ctx, inputs, output):
+    fs, _, p, _ = inputs
+    ctx.save_for_backward(fs, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.p = p
+
+
+def _backward(ctx, grad_loss, _grad_coeff):
+    fs, coeff = ctx.saved_tensors
+    grad_fs = torch.ops.kdkernels.attention_transfer_triton_backward(grad_loss, fs, coeff, ctx.p)
+    return grad_fs, None, None, None
+
+
+torch.library.register_autograd(
+    "kdkernels::attention_transfer_triton", _backward, setup_context=_setup_context)
+
+
+def attention_transfer(fs: torch.Tensor, ft: torch.Tensor, p: float, reduction: str) -> torch.Tensor:
+    """Attention-transfer loss (0-dim; float32, float64 for float64 inputs), autograd to fs.
+
+    Inputs are validated by the caller: fs (B, Cs, Hs, Ws) and ft (B, Ct, Ht, Wt) on one device,
+    any strides; the student is bilinearly resampled to the teacher's grid inside the kernels.
+    """
+    return torch.ops.kdkernels.attention_transfer_triton(fs, ft.detach(), float(p), reduction)[0]

@@ -1,0 +1,47 @@
+"""Shared test utilities: layouts, backends per device, comparisons."""
+
+from __future__ import annotations
+
+import torch
+
+import kdkernels
+
+LAYOUTS = ("contiguous", "channels_last", "strided")
+
+
+def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """Same values as x in the requested memory layout (a leaf tensor, no gradient yet)."""
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        # A view into a wider tensor: every stride differs from the contiguous one.
+        big = torch.zeros(x.shape[0], x.shape[1] + 1, x.shape[2], 2 * x.shape[3],
+                          dtype=x.dtype, device=x.device)
+        big[:, 1:, :, ::2] = x
+        return big[:, 1:, :, ::2]
+    return x.contiguous()
+
+
+def fused_backends(op: str, device: str) -> list[str]:
+    """The fused backends that implement `op` and can run on `device` in this build."""
+    names = []
+    for name, status in kdkernels.backends().items():
+        if name == "torch" or not status["available"] or op not in status["ops"]:
+            continue
+        if name == "cpu" and device != "cpu" or name == "cuda" and device != "cuda":
+            continue
+        names.append(name)
+    return names
+
+
+def devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def assert_close_rel(actual, expected, rtol, what=""):
+    """max |actual - expected| <= rtol * max |expected| (scale-aware, fails on any real bug)."""
+    actual = actual.double()
+    expected = expected.double()
+    scale = expected.abs().max().clamp_min(1e-30)
+    err = (actual - expected).abs().max()
+    assert err <= rtol * scale, f"{what}: max abs err {err:.3e} > {rtol:g} * {scale:.3e}"

@@ -15,4 +15,23 @@ TORCH_LIBRARY(kdkernels, m) {
   // upstream gradient, so the backward is a single pass over fs.
   m.def("attention_transfer(Tensor fs, Tensor ft, float p, str reduction) -> (Tensor, Tensor)");
   m.def("attention_transfer_backward(Tensor grad, Tensor fs, Tensor coeff, float p) -> Tensor");
+
+  // Channel relation (C x C Gram of normalised channel rows). Returns the loss, grad_gram =
+  // d loss / d G_s (B x C x C) for a unit upstream gradient, and row_stats (B x C x 2): for "l2"
+  // the row norms (second entry 0), for "softmax" the row max of F / tau and the row sum of
+  // exp(F / tau - max).
+  m.def("channel_relation(Tensor fs, Tensor ft, str normalize, str distance, float tau) -> (Tensor, Tensor, Tensor)");
+  m.def("channel_relation_backward(Tensor grad, Tensor fs, Tensor grad_gram, Tensor row_stats, str normalize, float tau) -> Tensor");
+
+  // Pixel relation, "mse": the algebraic route in float64. Returns the loss and the float64
+  // Grams m_ss = A A^T (B x Cs x Cs) and m_st = A T^T (B x Cs x Ct) of the pixel-normalised
+  // student A and teacher T, which the backward multiplies back onto A and T.
+  m.def("pixel_relation_mse(Tensor fs, Tensor ft) -> (Tensor, Tensor, Tensor)");
+  m.def("pixel_relation_mse_backward(Tensor grad, Tensor fs, Tensor ft, Tensor m_ss, Tensor m_st) -> Tensor");
+
+  // Pixel relation, "kl": tiled, flash-attention style; never holds the N x N matrices. Returns
+  // the loss and the row log-sum-exps of S_s / tau and S_t / tau (B x N) for the recomputing
+  // backward.
+  m.def("pixel_relation_kl(Tensor fs, Tensor ft, float tau) -> (Tensor, Tensor, Tensor)");
+  m.def("pixel_relation_kl_backward(Tensor grad, Tensor fs, Tensor ft, Tensor lse_s, Tensor lse_t, float tau) -> Tensor");
 }

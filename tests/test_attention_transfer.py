@@ -145,10 +145,17 @@ def test_opcheck_extension_op(device, shapes):
     torch.library.opcheck(torch.ops.kdkernels.attention_transfer.default, (fs, ft, 2.0, "mean"))
 
 
+@pytest.mark.parametrize("device", devices())
+def test_opcheck_triton_op(device):
+    if "triton" not in fused_backends(OP, device):
+        pytest.skip(f"no Triton backend on {device} here")
+    fs, ft = _inputs(*RESIZED[0], device, seed=8)
+    fs.requires_grad_(True)
+    torch.library.opcheck(torch.ops.kdkernels.attention_transfer_triton.default, (fs, ft, 4.0, "sum"))
+
+
 @pytest.mark.parametrize("backend,device", TARGETS, ids=IDS)
 def test_compiles_fullgraph(backend, device):
-    if backend == "triton" and device == "cpu":
-        pytest.skip("Inductor does not generate code for Triton ops on CPU tensors")
     fs, ft = _inputs(*RESIZED[0], device, seed=9)
 
     @torch.compile(fullgraph=True)

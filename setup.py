@@ -103,7 +103,8 @@ setup(
     packages=find_packages(include=["kdkernels", "kdkernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "hypothesis", "pytest-benchmark"]},
+    extras_require={"triton": ["triton"], "test": ["pytest", "hypothesis", "pytest-benchmark"],
+                    "bench": ["matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

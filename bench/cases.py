@@ -1,8 +1,9 @@
 """Benchmark cases: one Case per (op, shape set). A new op adds rows to CASES.
 
 A case names the public op, the shapes of its inputs (resolved for the device and --quick), the
-keyword arguments of the call, how to build the inputs and how many bytes a mode must move
-(the "bytes moved" model behind the GB/s column).
+keyword arguments of the call, how to build the inputs, how much work a mode does (bytes moved
+behind the GB/s column, or matrix-product flops behind TFLOP/s for compute-bound cases) and, for
+ops whose eager reference holds N x N matrices, how much memory that reference needs.
 """
 
 from __future__ import annotations
@@ -30,6 +31,41 @@ def student_teacher_bytes(shapes: dict, itemsize: int) -> dict:
     return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}
 
 
+def pixel_mse_bytes(shapes: dict, itemsize: int) -> dict:
+    """As student_teacher_bytes, but bwd also reads the teacher (it recomputes the normalised T)."""
+    out = student_teacher_bytes(shapes, itemsize)
+    teacher = _numel(shapes["teacher"]) * itemsize
+    return {"fwd": out["fwd"], "bwd": out["bwd"] + teacher, "full": out["full"] + teacher}
+
+
+def pixel_kl_flops(shapes: dict) -> dict:
+    """Matrix-product flops of the tiled kl route (exp, log and normalisation not counted).
+    fwd forms every tile of S_s = A^T A and S_t = T^T T: 2 N^2 (Cs + Ct) per sample. bwd recomputes
+    both and multiplies the student's column block by the tile Gm_IJ + Gm_JI^T: 2 N^2 Cs more."""
+    b, cs, h, w = shapes["student"]
+    ct, n = shapes["teacher"][1], h * w
+    fwd = 2 * b * n * n * (cs + ct)
+    bwd = fwd + 2 * b * n * n * cs
+    return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}
+
+
+# N x N float32 matrices that pixel_relation_loss's eager reference ("torch") and its
+# torch.compile hold at once, measured on the CPU (B = 2, C = 64, 64 x 64, peak RSS growth):
+# (largest single step of any mode, graph kept alive for the "bwd" mode).
+PIXEL_NN_MATRICES = {("torch", "mse"): (5, 1), ("torch", "kl"): (7, 2),
+                     ("compile", "mse"): (2, 1), ("compile", "kl"): (3, 2)}
+
+
+def pixel_relation_memory(shapes: dict, kwargs: dict, backend: str, modes) -> int | None:
+    """Predicted peak bytes of `backend` over the given modes; None for the fused backends."""
+    counts = PIXEL_NN_MATRICES.get((backend, kwargs["distance"]))
+    if counts is None:
+        return None
+    step, retained = counts
+    b, _, h, w = shapes["student"]
+    return (step + (retained if "bwd" in modes else 0)) * b * (h * w) ** 2 * 4
+
+
 def _numel(shape) -> int:
     n = 1
     for s in shape:
@@ -45,18 +81,47 @@ class Case:
     kwargs: dict = field(default_factory=dict)
     make_inputs: Callable = feature_pair            # (shapes, device, dtype) -> args tuple
     bytes_model: Callable = student_teacher_bytes   # (shapes, itemsize) -> {mode: bytes}
+    flops_model: Callable | None = None  # (shapes) -> {mode: flops}; set for compute-bound cases
+    memory_model: Callable | None = None  # (shapes, kwargs, backend, modes) -> bytes or None
 
     def inputs(self, device, dtype: torch.dtype) -> tuple:
         return self.make_inputs(self.shapes, device, dtype)
 
-    def bytes_moved(self, dtype: torch.dtype) -> dict:
-        return self.bytes_model(self.shapes, torch.empty((), dtype=dtype).element_size())
+    def work(self, dtype: torch.dtype) -> tuple[str, dict]:
+        """("flops", {mode: flops}) for compute-bound cases, else ("bytes", {mode: bytes})."""
+        if self.flops_model is not None:
+            return "flops", self.flops_model(self.shapes)
+        return "bytes", self.bytes_model(self.shapes, torch.empty((), dtype=dtype).element_size())
+
+    def predicted_memory(self, backend: str, modes) -> int | None:
+        """Bytes `backend` is predicted to need for `modes` (None: no model, O(inputs))."""
+        if self.memory_model is None:
+            return None
+        return self.memory_model(self.shapes, self.kwargs, backend, modes)
+
+
+_AT = "attention_transfer_loss"
+_CR = "channel_relation_loss"
+_PR = "pixel_relation_loss"
+
+
+def pixel_relation_models(distance: str) -> dict:
+    """Case fields of a pixel_relation_loss case: its work model (kl: flops) and eager memory."""
+    work = {"flops_model": pixel_kl_flops} if distance == "kl" else {"bytes_model": pixel_mse_bytes}
+    return {**work, "memory_model": pixel_relation_memory}
+
+
+def _pixel(name: str, cs: int, ct: int, side: int, distance: str, b_gpu: int, b_cpu: int,
+           quick_side: int = 24) -> tuple:
+    """A CASES row for pixel_relation_loss (--quick: 16 / 32 channels at quick_side^2)."""
+    return (_PR, name, (cs, side, side), (ct, side, side), dict(distance=distance, tau=1.0),
+            b_gpu, b_cpu, ((16, quick_side, quick_side), (32, quick_side, quick_side)),
+            pixel_relation_models(distance))
 
 
 # Table rows: op, name, student (C, H, W), teacher (C, H, W), kwargs, B on GPU, B on CPU,
 # the --quick shapes (student, teacher, B = 1) and, optionally, a dict of further Case fields
-# (make_inputs, bytes_model) for ops whose inputs are not two feature maps. Sizes: SPEC section 5.
-_AT = "attention_transfer_loss"
+# (make_inputs, bytes_model, flops_model, memory_model). Sizes: SPEC section 5.
 CASES = [
     # KDAS features: student 32 x 88 x 88 against teacher 64 x 88 x 88 (no resize needed).
     (_AT, "kdas_features", (32, 88, 88), (64, 88, 88),
@@ -70,6 +135,24 @@ CASES = [
     (_AT, "acceptance_b8", (64, 88, 88), (64, 88, 88),
      dict(p=2.0, resize="bilinear", reduction="mean"), 8, 8,
      ((16, 32, 32), (16, 32, 32))),
+    # CPKD channel relation: 128 x 128 Grams of rows of length 88^2.
+    (_CR, "cpkd_c128", (128, 88, 88), (128, 88, 88),
+     dict(normalize="l2", distance="mse", tau=1.0), 8, 2,
+     ((32, 32, 32), (32, 32, 32))),
+    # The issue's acceptance case, B = 8 on every device.
+    (_CR, "acceptance_b8", (64, 88, 88), (64, 88, 88),
+     dict(normalize="l2", distance="mse", tau=1.0), 8, 8,
+     ((16, 32, 32), (16, 32, 32))),
+    # CPKD pixel relation: student 64 / teacher 128 channels, N = 56^2 and 88^2.
+    _pixel("cpkd_56_mse", 64, 128, 56, "mse", 8, 2, quick_side=16),
+    _pixel("cpkd_56_kl", 64, 128, 56, "kl", 8, 2, quick_side=16),
+    _pixel("cpkd_88_mse", 64, 128, 88, "mse", 8, 2),
+    _pixel("cpkd_88_kl", 64, 128, 88, "kl", 8, 2),
+    # The issue's acceptance cases, B = 2 on every device: 96 x 96, and 128 x 128 where the eager
+    # reference needs gigabytes for its N x N matrices (the memory case).
+    _pixel("acceptance_96_mse", 64, 64, 96, "mse", 2, 2, quick_side=32),
+    _pixel("memory_128_mse", 64, 64, 128, "mse", 2, 2, quick_side=32),
+    _pixel("memory_128_kl", 64, 64, 128, "kl", 2, 2, quick_side=32),
 ]
 
 

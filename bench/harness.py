@@ -65,7 +65,9 @@ def warm_and_calibrate(fn, device: torch.device, warmup: int, min_sample_s: floa
     for _ in range(warmup):
         fn()
     sync(device)
-    once = min(time_per_call(fn, 1, device) for _ in range(3))  # min: robust to a stray stall
+    once = time_per_call(fn, 1, device)
+    if once < min_sample_s:  # min of three: robust to a stray stall (slow calls skip it: inner 1)
+        once = min(once, *(time_per_call(fn, 1, device) for _ in range(2)))
     return max(1, min(1000, math.ceil(min_sample_s / max(once, 1e-9))))
 
 
@@ -137,7 +139,23 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> floa
     return 2 * nbytes / t / 1e9
 
 
+def matmul_tflops(device: torch.device, n: int, dtype: torch.dtype, repeats: int = 5) -> float:
+    """TFLOP/s of torch.mm of two n x n matrices: 2 n^3 / median time."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    out = torch.empty_like(a)
+
+    def step():
+        torch.mm(a, b, out=out)
+
+    inner = warm_and_calibrate(step, device, 1, 0.05)
+    t = median(time_per_call(step, inner, device) for _ in range(repeats))
+    return 2 * n**3 / t / 1e12
+
+
 def roofline(device: torch.device, quick: bool) -> dict:
+    """Copy bandwidth (the GB/s roof) and float32 matmul throughput (the TFLOP/s roof; TF32 off;
+    on CUDA also bfloat16, the tensor-core peak, for reference)."""
     nbytes = (64 if quick else 256) * 2**20
     out = {"copy_bytes": nbytes, "copy_gbps": copy_bandwidth(device, nbytes)}
     if device.type == "cpu":
@@ -148,6 +166,15 @@ def roofline(device: torch.device, quick: bool) -> dict:
             out["copy_gbps_single_thread"] = copy_bandwidth(device, nbytes)
         finally:
             torch.set_num_threads(threads)
+    n = 8192 if device.type == "cuda" else (2048 if quick else 4096)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # plain float32 products, no TF32
+    try:
+        out.update(matmul_n=n, matmul_tflops=matmul_tflops(device, n, torch.float32))
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    if device.type == "cuda":
+        out["matmul_tflops_bf16"] = matmul_tflops(device, n, torch.bfloat16)
     return out
 
 

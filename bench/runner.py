@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 
@@ -14,6 +15,9 @@ from bench.cases import Case
 MODES = ("fwd", "bwd", "full")
 # Devices each fused backend is benchmarked on (Triton on the CPU is the interpreter: never).
 _RUNS_ON = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}
+# The "bwd" mode runs backward repeatedly through one retained graph, which torch.compile refuses
+# when its backward donates (reuses) saved buffers: switch that memory optimisation off.
+torch._functorch.config.donated_buffer = False
 
 
 def log(msg: str) -> None:
@@ -41,42 +45,59 @@ def implementations(case: Case, device: torch.device) -> dict:
     return impls
 
 
-def modes(call, args: tuple) -> dict:
+def mode_steps(call, args: tuple, wanted) -> dict:
     """fwd: the loss (with autograd recording, as in training); bwd: the backward of one retained
-    graph; full: both. The gradient of args[0] comes from autograd.grad (no .grad accumulation)."""
+    graph (built here only if bwd is wanted); full: both. The gradient of args[0] comes from
+    autograd.grad (no .grad accumulation)."""
     student = args[0]
-    retained = call(*args)
+    steps = {"fwd": lambda: call(*args),
+             "full": lambda: torch.autograd.grad(call(*args), student)}
+    if "bwd" in wanted:
+        retained = call(*args)
+        steps["bwd"] = lambda: torch.autograd.grad(retained, student, retain_graph=True)
+    return {mode: steps[mode] for mode in wanted}
 
-    def fwd():
-        call(*args)
 
-    def bwd():
-        torch.autograd.grad(retained, student, retain_graph=True)
-
-    def full():
-        torch.autograd.grad(call(*args), student)
-
-    return {"fwd": fwd, "bwd": bwd, "full": full}
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def run_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int, warmup: int,
-             min_sample_s: float) -> tuple[list[dict], list[dict]]:
-    """Rows {backend, mode, median_ms, min_ms, peak_mem_mb, inner, samples_ms}, skipped backends."""
+             min_sample_s: float, modes, mem_budget: float) -> tuple[list[dict], list[dict]]:
+    """Rows {backend, mode, median_ms, min_ms, peak_mem_mb, inner, samples_ms, oom[,
+    predicted_peak_mb]}, skipped backends. On the CPU a backend whose predicted memory exceeds
+    mem_budget (bytes) is not run; on CUDA an out-of-memory error is caught. Both give rows with
+    oom set to the reason and no timings."""
     args = case.inputs(device, dtype)
-    fns, inner, skipped = {}, {}, []
+    fns, inner, skipped, oom, predicted = {}, {}, [], {}, {}
     for backend, call in implementations(case, device).items():
+        predicted[backend] = case.predicted_memory(backend, modes)
+        if device.type == "cpu" and (predicted[backend] or 0) > mem_budget:
+            oom[backend] = (f"predicted {predicted[backend] / 1e9:.3g} GB > budget "
+                            f"{mem_budget / 1e9:.3g} GB: not run")
+            log(f"  {backend}: out of memory ({oom[backend]})")
+            continue
         t0 = time.perf_counter()
+        ready = False
         try:
-            fns[backend] = modes(call, args)
+            fns[backend] = mode_steps(call, args, modes)
             for mode, fn in fns[backend].items():
                 inner[backend, mode] = harness.warm_and_calibrate(fn, device, warmup, min_sample_s)
+            ready = True
+        except torch.OutOfMemoryError as exc:
+            oom[backend] = f"caught {type(exc).__name__}"
+            log(f"  {backend}: out of memory ({oom[backend]})")
         except Exception as exc:  # a broken backend is reported, not fatal for the others
-            fns.pop(backend, None)
             skipped.append({"case": case.name, "backend": backend, "error": repr(exc)[:500]})
             log(f"  {backend}: skipped ({type(exc).__name__}: {str(exc)[:200]})")
+        if not ready:
+            fns.pop(backend, None)
+            _free(device)  # here, not in the except clause, whose traceback holds its tensors
             continue
         log(f"  {backend}: ready in {time.perf_counter() - t0:.1f} s "
-            f"(inner {', '.join(str(inner[backend, m]) for m in MODES)})")
+            f"(inner {', '.join(str(inner[backend, m]) for m in modes)})")
 
     # Round-robin: every repeat visits every backend (rotated start), so drift hits all alike.
     names = list(fns)
@@ -84,20 +105,26 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int,
     for r in range(repeats):
         for i in range(len(names)):
             backend = names[(i + r) % len(names)]
-            for mode in MODES:
+            for mode in modes:
                 key = (backend, mode)
                 samples[key].append(harness.time_per_call(fns[backend][mode], inner[key], device))
 
     rows = []
-    for backend in names:
-        for mode in MODES:
+    for backend in (b for b in predicted if b in fns or b in oom):  # implementation order
+        for mode in modes:
             key = (backend, mode)
-            rows.append({
-                "backend": backend, "mode": mode,
-                "median_ms": harness.median(samples[key]) * 1e3,
-                "min_ms": min(samples[key]) * 1e3,
-                "peak_mem_mb": harness.peak_memory_mb(fns[backend][mode], device),
-                "inner": inner[key], "samples_ms": [round(t * 1e3, 4) for t in samples[key]],
-            })
+            if backend in oom:
+                row = {"median_ms": None, "min_ms": None, "peak_mem_mb": None, "inner": None,
+                       "samples_ms": [], "oom": oom[backend]}
+            else:
+                row = {"median_ms": harness.median(samples[key]) * 1e3,
+                       "min_ms": min(samples[key]) * 1e3,
+                       "peak_mem_mb": harness.peak_memory_mb(fns[backend][mode], device),
+                       "inner": inner[key], "samples_ms": [round(t * 1e3, 4) for t in samples[key]],
+                       "oom": None}
+            if predicted[backend] is not None:
+                row["predicted_peak_mb"] = predicted[backend] / 2**20
+            rows.append({"backend": backend, "mode": mode, **row})
     del fns, args
+    _free(device)
     return rows, skipped

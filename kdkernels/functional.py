@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from kdkernels import _dispatch, reference
 from kdkernels import _validation as check
 from kdkernels.ops import attention_transfer as _at_ext
+from kdkernels.ops import channel_relation as _cr_ext
+from kdkernels.ops import pixel_relation as _pr_ext
 
 __all__ = [
     "attention_transfer_loss",
@@ -89,6 +91,18 @@ def attention_transfer_loss(fs, ft, p=2.0, resize="bilinear", reduction="mean", 
 
 
 # --- relations ----------------------------------------------------------------------------
+
+# One entry per op for both: the CPU and CUDA kernels are registered per dispatch key.
+_dispatch.register("channel_relation_loss", "cpu")(_cr_ext.channel_relation)
+_dispatch.register("channel_relation_loss", "cuda")(_cr_ext.channel_relation)
+_dispatch.register("pixel_relation_loss", "cpu")(_pr_ext.pixel_relation)
+_dispatch.register("pixel_relation_loss", "cuda")(_pr_ext.pixel_relation)
+if _dispatch.HAS_TRITON:
+    from kdkernels.triton import channel_relation as _cr_triton
+    from kdkernels.triton import pixel_relation as _pr_triton
+
+    _dispatch.register("channel_relation_loss", "triton")(_cr_triton.channel_relation)
+    _dispatch.register("pixel_relation_loss", "triton")(_pr_triton.pixel_relation)
 
 
 def channel_relation_loss(fs, ft, normalize="l2", distance="mse", tau=1.0, backend="auto"):

@@ -29,7 +29,16 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
+
+from kdkernels.triton._common import (
+    _EPS,
+    _acc_dtype,
+    _define_op,
+    _div,
+    _flat,
+    _pixel_offsets,
+)
 
 __all__ = ["attention_transfer"]
 
@@ -43,25 +52,7 @@ _TILE_CHANNELS_CONTIGUOUS = (32, 64)
 _BLOCK_FINALIZE = 1024
 _NUM_WARPS = 4
 
-# L2-normalisation epsilon (F.normalize's default), built exactly in the accumulation type.
-_EPS = tl.constexpr(1e-12)
-
-
 # --- device helpers -------------------------------------------------------------------------
-
-
-@triton.jit
-def _div(x, y):
-    """x / y rounded to nearest (Triton's fp32 '/' is approximate on the GPU).
-
-    y may be a float or an int, tensor or constexpr (the JIT turns int arguments equal to 1
-    into constexprs), hence the promotions by arithmetic rather than .to().
-    """
-    if x.dtype.is_fp64():
-        r = x / y
-    else:
-        r = tl.math.div_rn(x, y * 1.0)
-    return r
 
 
 @triton.jit
@@ -112,16 +103,6 @@ def _window_first(i, scale):
     lo = tl.math.div_rn(i.to(tl.float32) - 0.5, scale) - 0.5
     first = tl.maximum(lo, 0.0).to(tl.int32) - 1
     return tl.maximum(first, 0)
-
-
-@triton.jit
-def _pixel_offsets(n, W, sH, sW, sN, FLAT: tl.constexpr):
-    """Element offsets (int64) of flat pixel indices n of an H x W plane."""
-    if FLAT:  # the plane is one strided run (sH == W * sW, or H == 1, or W == 1)
-        off = n.to(tl.int64) * sN
-    else:
-        off = (n // W).to(tl.int64) * sH + (n % W).to(tl.int64) * sW
-    return off
 
 
 @triton.jit
@@ -298,10 +279,6 @@ def _at_backward_kernel(
 # --- host side ------------------------------------------------------------------------------
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _power_kind(p: float) -> int:
     return 2 if p == 2.0 else (4 if p == 4.0 else 0)
 
@@ -311,19 +288,6 @@ def _tile(x: torch.Tensor) -> tuple[int, int]:
     if x.shape[1] > 1 and x.stride(1) == 1:
         return _TILE_CHANNELS_CONTIGUOUS
     return _TILE_PIXELS_CONTIGUOUS
-
-
-def _flat(x: torch.Tensor) -> tuple[bool, int]:
-    """Whether x's H x W plane is one strided run, and that run's stride."""
-    H, W = x.shape[2], x.shape[3]
-    sH, sW = x.stride(2), x.stride(3)
-    if H == 1:
-        return True, sW
-    if W == 1:
-        return True, sH
-    if sH == W * sW:
-        return True, sW
-    return False, sW
 
 
 def _resize_params(size_in: int, size_out: int) -> tuple[float, int]:
@@ -352,23 +316,6 @@ def _launch_map(x: torch.Tensor, m: torch.Tensor, p: float, power: int) -> None:
 
 
 _DENOM = {"mean": lambda b, n: b * n, "batchmean": lambda b, n: b, "sum": lambda b, n: 1}
-
-
-def _interpreted(kernel) -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return False
-    return isinstance(kernel, InterpretedFunction)
-
-
-# One op body for both modes; only the decorator differs. On the GPU, triton_op: torch.compile
-# decomposes the op into its wrap_triton kernel calls, which Inductor sees and schedules. Under
-# TRITON_INTERPRET=1 @triton.jit gives InterpretedFunction objects, which wrap_triton hands back
-# unwrapped, so triton_op's decomposition (run on fake/functional tensors inside AOTAutograd)
-# would execute the interpreter on tensors without data; there the op is a plain custom_op,
-# opaque to torch.compile, whose body runs eagerly on real CPU tensors.
-_define_op = torch.library.custom_op if _interpreted(_at_map_kernel) else triton_op
 
 
 @_define_op("kdkernels::attention_transfer_triton", mutates_args=())

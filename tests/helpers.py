@@ -45,3 +45,19 @@ def assert_close_rel(actual, expected, rtol, what=""):
     scale = expected.abs().max().clamp_min(1e-30)
     err = (actual - expected).abs().max()
     assert err <= rtol * scale, f"{what}: max abs err {err:.3e} > {rtol:g} * {scale:.3e}"
+
+
+def random_pair(s_shape, t_shape, device, dtype=torch.float32, seed=0):
+    """Fresh N(0, 1) (student, teacher) inputs, drawn in float32 on the CPU, then converted."""
+    g = torch.Generator().manual_seed(seed)
+    fs = torch.randn(s_shape, generator=g).to(device=device, dtype=dtype)
+    ft = torch.randn(t_shape, generator=g).to(device=device, dtype=dtype)
+    return fs, ft
+
+
+def loss_and_grad(fn, fs, ft, **kw):
+    """(loss, d loss / d fs) of fn(fs, ft, **kw) for a fresh leaf copy of fs."""
+    fs = fs.detach().requires_grad_(True)
+    loss = fn(fs, ft, **kw)
+    (grad,) = torch.autograd.grad(loss, fs)
+    return loss.detach(), grad

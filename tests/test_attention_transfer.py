@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import kdkernels as kdk
-from helpers import LAYOUTS, assert_close_rel, devices, fused_backends, make_layout
+from helpers import (LAYOUTS, assert_close_rel, devices, fused_backends, loss_and_grad, make_layout,
+                     random_pair)
 
 OP = "attention_transfer_loss"
 TARGETS = [(b, d) for d in devices() for b in fused_backends(OP, d)]
@@ -20,23 +21,9 @@ RESIZED = [((2, 3, 13, 11), (2, 4, 5, 7)), ((2, 3, 5, 6), (2, 2, 11, 13)),
 REDUCTIONS = ("mean", "batchmean", "sum")
 
 
-def _inputs(s_shape, t_shape, device, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    fs = torch.randn(s_shape, generator=g).to(device=device, dtype=dtype)
-    ft = torch.randn(t_shape, generator=g).to(device=device, dtype=dtype)
-    return fs, ft
-
-
-def _loss_and_grad(fn, fs, ft, **kw):
-    fs = fs.detach().requires_grad_(True)
-    loss = fn(fs, ft, **kw)
-    (grad,) = torch.autograd.grad(loss, fs)
-    return loss.detach(), grad
-
-
 def _compare(backend, device, fs, ft, loss_rtol=1e-5, grad_rtol=1e-4, **kw):
-    loss, grad = _loss_and_grad(kdk.attention_transfer_loss, fs, ft, backend=backend, **kw)
-    ref_loss, ref_grad = _loss_and_grad(kdk.reference.attention_transfer_loss, fs, ft, **kw)
+    loss, grad = loss_and_grad(kdk.attention_transfer_loss, fs, ft, backend=backend, **kw)
+    ref_loss, ref_grad = loss_and_grad(kdk.reference.attention_transfer_loss, fs, ft, **kw)
     assert loss.dim() == 0 and loss.dtype == ref_loss.dtype
     assert grad.dtype == fs.dtype and grad.shape == fs.shape
     assert_close_rel(loss, ref_loss, loss_rtol, "loss")
@@ -47,7 +34,7 @@ def _compare(backend, device, fs, ft, loss_rtol=1e-5, grad_rtol=1e-4, **kw):
 @pytest.mark.parametrize("shapes", SAME + RESIZED, ids=lambda s: f"{s[0]}->{s[1]}")
 @pytest.mark.parametrize("p", [2.0, 4.0, 3.0, 1.5])
 def test_matches_reference(backend, device, shapes, p):
-    fs, ft = _inputs(*shapes, device, seed=int(p * 10))
+    fs, ft = random_pair(*shapes, device, seed=int(p * 10))
     reduction = REDUCTIONS[int(p * 2) % 3]
     _compare(backend, device, fs, ft, p=p, reduction=reduction, resize="bilinear")
 
@@ -56,7 +43,7 @@ def test_matches_reference(backend, device, shapes, p):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shapes", [SAME[0], RESIZED[0], RESIZED[1]], ids=["same", "down", "up"])
 def test_layouts(backend, device, layout, shapes):
-    fs, ft = _inputs(*shapes, device, seed=3)
+    fs, ft = random_pair(*shapes, device, seed=3)
     fs = make_layout(fs, layout)
     ft = make_layout(ft, LAYOUTS[(LAYOUTS.index(layout) + 1) % 3])  # teacher in another layout
     _compare(backend, device, fs, ft, p=2.0)
@@ -67,7 +54,7 @@ def test_layouts(backend, device, layout, shapes):
                          ids=["student-larger", "teacher-larger", "mixed"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_pool_resize(backend, device, shapes, reduction):
-    fs, ft = _inputs(*shapes, device, seed=4)
+    fs, ft = random_pair(*shapes, device, seed=4)
     _compare(backend, device, fs, ft, p=2.0, resize="pool", reduction=reduction)
 
 
@@ -77,7 +64,7 @@ def test_pool_resize(backend, device, shapes, reduction):
 def test_low_precision(backend, device, dtype, shapes):
     # The reference upcasts the same half-precision values to float32, so the losses agree to
     # float32 accuracy; the gradient is rounded once to the input dtype.
-    fs, ft = _inputs(*shapes, device, dtype=dtype, seed=5)
+    fs, ft = random_pair(*shapes, device, dtype=dtype, seed=5)
     grad_rtol = 4e-3 if dtype == torch.float16 else 2e-2
     _compare(backend, device, fs, ft, loss_rtol=1e-5, grad_rtol=grad_rtol, p=4.0)
 
@@ -90,14 +77,14 @@ def test_float32_against_float64(backend, device, noise):
     g = torch.Generator().manual_seed(6)
     ft = torch.randn(2, 6, 9, 11, generator=g)
     fs = ft + noise * torch.randn(2, 6, 9, 11, generator=g)
-    loss, grad = _loss_and_grad(kdk.attention_transfer_loss, fs.to(device), ft.to(device),
+    loss, grad = loss_and_grad(kdk.attention_transfer_loss, fs.to(device), ft.to(device),
                                 backend=backend)
     # float64 on the very same (float32-representable) inputs: only the arithmetic differs.
-    ref_loss, ref_grad = _loss_and_grad(kdk.reference.attention_transfer_loss, fs.double(),
+    ref_loss, ref_grad = loss_and_grad(kdk.reference.attention_transfer_loss, fs.double(),
                                         ft.double())
     # Near the teacher the float32 maps themselves carry ~1e-7 relative rounding, amplified by
     # 1 / noise in their difference: there the bar is eager float32's own error (x 2).
-    eager_loss, eager_grad = _loss_and_grad(kdk.reference.attention_transfer_loss, fs, ft)
+    eager_loss, eager_grad = loss_and_grad(kdk.reference.attention_transfer_loss, fs, ft)
     for ours, eager, ref, rtol, what in ((loss, eager_loss, ref_loss, 1e-5, "loss"),
                                          (grad, eager_grad, ref_grad, 1e-4, "grad")):
         err = (ours.cpu().double() - ref).abs().max()
@@ -108,7 +95,7 @@ def test_float32_against_float64(backend, device, noise):
 
 @pytest.mark.parametrize("backend,device", TARGETS, ids=IDS)
 def test_teacher_gets_no_gradient(backend, device):
-    fs, ft = _inputs(*RESIZED[0], device)
+    fs, ft = random_pair(*RESIZED[0], device)
     fs.requires_grad_(True)
     ft.requires_grad_(True)
     kdk.attention_transfer_loss(fs, ft, backend=backend).backward()
@@ -117,7 +104,7 @@ def test_teacher_gets_no_gradient(backend, device):
 
 @pytest.mark.parametrize("backend,device", TARGETS, ids=IDS)
 def test_non_finite_propagates(backend, device):
-    fs, ft = _inputs(*SAME[0], device)
+    fs, ft = random_pair(*SAME[0], device)
     fs[0, 1, 2, 3] = float("nan")
     assert torch.isnan(kdk.attention_transfer_loss(fs, ft, backend=backend))
     fs[0, 1, 2, 3] = float("inf")
@@ -129,7 +116,7 @@ def test_non_finite_propagates(backend, device):
 def test_gradcheck_cpu_kernel(shapes, p):
     if "cpu" not in fused_backends(OP, "cpu"):
         pytest.skip("the CPU extension is not built")
-    fs, ft = _inputs(*shapes, "cpu", dtype=torch.float64, seed=7)
+    fs, ft = random_pair(*shapes, "cpu", dtype=torch.float64, seed=7)
     fs.requires_grad_(True)
     assert torch.autograd.gradcheck(
         lambda x: kdk.attention_transfer_loss(x, ft, p=p, reduction="sum", backend="cpu"), (fs,))
@@ -140,7 +127,7 @@ def test_gradcheck_cpu_kernel(shapes, p):
 def test_opcheck_extension_op(device, shapes):
     if not fused_backends(OP, device) or ("cpu" if device == "cpu" else "cuda") not in fused_backends(OP, device):
         pytest.skip(f"the extension has no {device} kernel in this build")
-    fs, ft = _inputs(*shapes, device, seed=8)
+    fs, ft = random_pair(*shapes, device, seed=8)
     fs.requires_grad_(True)
     torch.library.opcheck(torch.ops.kdkernels.attention_transfer.default, (fs, ft, 2.0, "mean"))
 
@@ -149,21 +136,21 @@ def test_opcheck_extension_op(device, shapes):
 def test_opcheck_triton_op(device):
     if "triton" not in fused_backends(OP, device):
         pytest.skip(f"no Triton backend on {device} here")
-    fs, ft = _inputs(*RESIZED[0], device, seed=8)
+    fs, ft = random_pair(*RESIZED[0], device, seed=8)
     fs.requires_grad_(True)
     torch.library.opcheck(torch.ops.kdkernels.attention_transfer_triton.default, (fs, ft, 4.0, "sum"))
 
 
 @pytest.mark.parametrize("backend,device", TARGETS, ids=IDS)
 def test_compiles_fullgraph(backend, device):
-    fs, ft = _inputs(*RESIZED[0], device, seed=9)
+    fs, ft = random_pair(*RESIZED[0], device, seed=9)
 
     @torch.compile(fullgraph=True)
     def step(x, y):
         return kdk.attention_transfer_loss(x, y, p=4.0, backend=backend)
 
-    loss, grad = _loss_and_grad(step, fs, ft)
-    ref_loss, ref_grad = _loss_and_grad(kdk.reference.attention_transfer_loss, fs, ft, p=4.0)
+    loss, grad = loss_and_grad(step, fs, ft)
+    ref_loss, ref_grad = loss_and_grad(kdk.reference.attention_transfer_loss, fs, ft, p=4.0)
     assert_close_rel(loss, ref_loss, 1e-5, "loss")
     assert_close_rel(grad, ref_grad, 1e-4, "grad")
 

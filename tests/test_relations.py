@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kdkernels as kdk
-from helpers import LAYOUTS, devices, fused_backends, make_layout
+from helpers import LAYOUTS, devices, fused_backends, loss_and_grad, make_layout, random_pair
 
 CR, PR = "channel_relation_loss", "pixel_relation_loss"
 CR_TARGETS = [(b, d) for d in devices() for b in fused_backends(CR, d)]
@@ -33,20 +33,6 @@ CR_VARIANTS = [("l2", "mse", 1.0), ("l2", "kl", 0.5), ("l2", "kl", 4.0), ("softm
 PR_VARIANTS = [("mse", 1.0), ("kl", 1.0), ("kl", 0.25), ("kl", 4.0)]
 
 
-def _inputs(s_shape, t_shape, device, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    fs = torch.randn(s_shape, generator=g).to(device=device, dtype=dtype)
-    ft = torch.randn(t_shape, generator=g).to(device=device, dtype=dtype)
-    return fs, ft
-
-
-def _loss_and_grad(fn, fs, ft, **kw):
-    fs = fs.detach().requires_grad_(True)
-    loss = fn(fs, ft, **kw)
-    (grad,) = torch.autograd.grad(loss, fs)
-    return loss.detach(), grad
-
-
 def _fused(op, backend):
     fn = getattr(kdk, op)
     return lambda fs, ft, **kw: fn(fs, ft, backend=backend, **kw)
@@ -55,10 +41,10 @@ def _fused(op, backend):
 def _check(op, backend, fs, ft, loss_rtol=1e-5, grad_rtol=1e-4, **kw):
     """The fused loss and gradient against float64 on the same values: within rtol (relative to
     |loss| and max |grad|), or no worse than twice eager float32's own error."""
-    loss, grad = _loss_and_grad(_fused(op, backend), fs, ft, **kw)
+    loss, grad = loss_and_grad(_fused(op, backend), fs, ft, **kw)
     ref_fn = getattr(kdk.reference, op)
-    ref_loss, ref_grad = _loss_and_grad(ref_fn, fs.cpu().double(), ft.cpu().double(), **kw)
-    eager_loss, eager_grad = _loss_and_grad(ref_fn, fs, ft, **kw)
+    ref_loss, ref_grad = loss_and_grad(ref_fn, fs.cpu().double(), ft.cpu().double(), **kw)
+    eager_loss, eager_grad = loss_and_grad(ref_fn, fs, ft, **kw)
     acc = torch.float64 if fs.dtype == torch.float64 else torch.float32
     assert loss.dim() == 0 and loss.dtype == acc == eager_loss.dtype
     assert grad.dtype == fs.dtype and grad.shape == fs.shape
@@ -80,7 +66,7 @@ def _check(op, backend, fs, ft, loss_rtol=1e-5, grad_rtol=1e-4, **kw):
 @pytest.mark.parametrize("variant", CR_VARIANTS, ids=lambda v: "-".join(map(str, v)))
 def test_channel_matches_reference(backend, device, shape, variant):
     normalize, distance, tau = variant
-    fs, ft = _inputs(shape, shape, device, seed=sum(shape))
+    fs, ft = random_pair(shape, shape, device, seed=sum(shape))
     _check(CR, backend, fs, ft, normalize=normalize, distance=distance, tau=tau)
 
 
@@ -89,7 +75,7 @@ def test_channel_matches_reference(backend, device, shape, variant):
 @pytest.mark.parametrize("variant", PR_VARIANTS, ids=lambda v: "-".join(map(str, v)))
 def test_pixel_matches_reference(backend, device, shapes, variant):
     distance, tau = variant
-    fs, ft = _inputs(*shapes, device, seed=sum(shapes[0]))
+    fs, ft = random_pair(*shapes, device, seed=sum(shapes[0]))
     _check(PR, backend, fs, ft, distance=distance, tau=tau)
 
 
@@ -97,7 +83,7 @@ def test_pixel_matches_reference(backend, device, shapes, variant):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("normalize", ["l2", "softmax"])
 def test_channel_layouts(backend, device, layout, normalize):
-    fs, ft = _inputs((2, 5, 7, 9), (2, 5, 7, 9), device, seed=3)
+    fs, ft = random_pair((2, 5, 7, 9), (2, 5, 7, 9), device, seed=3)
     fs = make_layout(fs, layout)
     ft = make_layout(ft, LAYOUTS[(LAYOUTS.index(layout) + 1) % 3])  # teacher in another layout
     _check(CR, backend, fs, ft, normalize=normalize, distance="kl", tau=2.0)
@@ -111,7 +97,7 @@ def test_channel_layouts(backend, device, layout, normalize):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("distance", ["mse", "kl"])
 def test_pixel_layouts(backend, device, layout, distance):
-    fs, ft = _inputs((2, 5, 7, 9), (2, 3, 7, 9), device, seed=4)
+    fs, ft = random_pair((2, 5, 7, 9), (2, 3, 7, 9), device, seed=4)
     fs = make_layout(fs, layout)
     ft = make_layout(ft, LAYOUTS[(LAYOUTS.index(layout) + 1) % 3])
     _check(PR, backend, fs, ft, distance=distance, tau=0.5)
@@ -127,7 +113,7 @@ def test_pixel_layouts(backend, device, layout, distance):
 def test_channel_low_precision(backend, device, dtype, variant):
     # Losses accumulate in float32 from the same half-precision values; the gradient is rounded
     # once to the input dtype.
-    fs, ft = _inputs((2, 6, 9, 7), (2, 6, 9, 7), device, dtype=dtype, seed=5)
+    fs, ft = random_pair((2, 6, 9, 7), (2, 6, 9, 7), device, dtype=dtype, seed=5)
     grad_rtol = 4e-3 if dtype == torch.float16 else 2e-2
     _check(CR, backend, fs, ft, grad_rtol=grad_rtol, normalize=variant[0], distance=variant[1], tau=2.0)
 
@@ -136,7 +122,7 @@ def test_channel_low_precision(backend, device, dtype, variant):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("distance", ["mse", "kl"])
 def test_pixel_low_precision(backend, device, dtype, distance):
-    fs, ft = _inputs((2, 6, 9, 7), (2, 4, 9, 7), device, dtype=dtype, seed=5)
+    fs, ft = random_pair((2, 6, 9, 7), (2, 4, 9, 7), device, dtype=dtype, seed=5)
     grad_rtol = 4e-3 if dtype == torch.float16 else 2e-2
     _check(PR, backend, fs, ft, grad_rtol=grad_rtol, distance=distance, tau=0.5)
 
@@ -146,13 +132,13 @@ def test_pixel_low_precision(backend, device, dtype, distance):
                                     (torch.float32, torch.float64)], ids=str)
 def test_mixed_dtypes(backend, device, dtypes):
     """A float64 member makes the pair run in float64; other mixes accumulate in float32."""
-    fs, ft = _inputs((2, 3, 5, 7), (2, 3, 5, 7), device, seed=12)
+    fs, ft = random_pair((2, 3, 5, 7), (2, 3, 5, 7), device, seed=12)
     fs, ft = fs.to(dtypes[0]), ft.to(dtypes[1])
     acc = torch.float64 if torch.float64 in dtypes else torch.float32
     for op, kw in ((CR, {"normalize": "softmax"}), (PR, {"distance": "kl"})):
         if backend not in fused_backends(op, device):
             continue
-        loss, grad = _loss_and_grad(_fused(op, backend), fs, ft, **kw)
+        loss, grad = loss_and_grad(_fused(op, backend), fs, ft, **kw)
         assert loss.dtype == acc and grad.dtype == fs.dtype
         ref = getattr(kdk.reference, op)(fs.double(), ft.double(), **kw)
         torch.testing.assert_close(loss.double(), ref, rtol=1e-5 if acc == torch.float32 else 1e-12, atol=0)
@@ -178,10 +164,10 @@ NEAR = _near_pairs()
 
 
 def _check_f32_vs_f64(op, backend, device, fs, ft, near, **kw):
-    loss, grad = _loss_and_grad(_fused(op, backend), fs.to(device), ft.to(device), **kw)
+    loss, grad = loss_and_grad(_fused(op, backend), fs.to(device), ft.to(device), **kw)
     ref_fn = getattr(kdk.reference, op)
-    ref_loss, ref_grad = _loss_and_grad(ref_fn, fs.double(), ft.double(), **kw)
-    eager_loss, eager_grad = _loss_and_grad(ref_fn, fs, ft, **kw)
+    ref_loss, ref_grad = loss_and_grad(ref_fn, fs.double(), ft.double(), **kw)
+    eager_loss, eager_grad = loss_and_grad(ref_fn, fs, ft, **kw)
     # float32 is within 1e-4 (loss) and 1e-3 (gradient, relative to its largest entry) of float64;
     # near the teacher within 1e-3, or no worse than eager float32 itself (x 2).
     for ours, eager, ref, rtol, what in ((loss, eager_loss, ref_loss, 1e-3 if near else 1e-4, "loss"),
@@ -221,8 +207,8 @@ def test_pixel_near_teacher_beats_eager_cpu(noise):
     for kl) are far more accurate than eager float32: within 1e-5 (loss) and 1e-4 (grad)."""
     _, fs, ft = next(p for p in NEAR if p[0] == f"near-{noise:g}")
     for distance, tau in (("mse", 1.0), ("kl", 1.0), ("kl", 4.0)):
-        loss, grad = _loss_and_grad(_fused(PR, "cpu"), fs, ft, distance=distance, tau=tau)
-        ref_loss, ref_grad = _loss_and_grad(kdk.reference.pixel_relation_loss, fs.double(),
+        loss, grad = loss_and_grad(_fused(PR, "cpu"), fs, ft, distance=distance, tau=tau)
+        ref_loss, ref_grad = loss_and_grad(kdk.reference.pixel_relation_loss, fs.double(),
                                             ft.double(), distance=distance, tau=tau)
         assert abs(loss.double() - ref_loss) <= 1e-5 * abs(ref_loss), (distance, tau)
         assert (grad.double() - ref_grad).abs().max() <= 1e-4 * ref_grad.abs().max(), (distance, tau)
@@ -239,8 +225,8 @@ def test_long_rows_cpu(noise):
     for distance, tau in (("mse", 1.0), ("kl", 1.0), ("kl", 0.1)):
         _check(PR, "cpu", fs, ft[:, :4], distance=distance, tau=tau)
         # Bitwise deterministic at this size too (many tasks over both threads).
-        first = _loss_and_grad(_fused(PR, "cpu"), fs, ft[:, :4], distance=distance, tau=tau)
-        again = _loss_and_grad(_fused(PR, "cpu"), fs, ft[:, :4], distance=distance, tau=tau)
+        first = loss_and_grad(_fused(PR, "cpu"), fs, ft[:, :4], distance=distance, tau=tau)
+        again = loss_and_grad(_fused(PR, "cpu"), fs, ft[:, :4], distance=distance, tau=tau)
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1]), (distance, tau)
     # Near the teacher the channel Grams carry float32 rounding (as eager's do): the near bar.
     for normalize, distance in (("l2", "mse"), ("softmax", "kl")):
@@ -254,7 +240,7 @@ def test_long_rows_cpu(noise):
 @pytest.mark.parametrize("backend,device", PR_TARGETS, ids=PR_IDS)
 @pytest.mark.parametrize("channels", [(1, 1), (1, 8), (8, 2), (3, 3)], ids=str)
 def test_pixel_channel_counts(backend, device, channels):
-    fs, ft = _inputs((2, channels[0], 5, 7), (2, channels[1], 5, 7), device, seed=9)
+    fs, ft = random_pair((2, channels[0], 5, 7), (2, channels[1], 5, 7), device, seed=9)
     for distance in ("mse", "kl"):
         _check(PR, backend, fs, ft, distance=distance, tau=0.5)
 
@@ -262,7 +248,7 @@ def test_pixel_channel_counts(backend, device, channels):
 @pytest.mark.skipif(not HAS_CPU, reason="no CPU extension")
 @pytest.mark.parametrize("channels", [64, 130, 512])
 def test_many_channels_cpu(channels):
-    fs, ft = _inputs((2, channels, 5, 7), (2, channels, 5, 7), "cpu", seed=channels)
+    fs, ft = random_pair((2, channels, 5, 7), (2, channels, 5, 7), "cpu", seed=channels)
     _check(CR, "cpu", fs, ft, normalize="l2", distance="kl", tau=0.5)
     _check(CR, "cpu", fs, ft, normalize="softmax", distance="mse", tau=1.0)
     _check(PR, "cpu", fs, ft[:, : channels // 2 + 1], distance="mse")
@@ -277,7 +263,7 @@ def test_teacher_gets_no_gradient(backend, device):
     for op, kw in ((CR, {"distance": "kl"}), (PR, {"distance": "kl"}), (PR, {"distance": "mse"})):
         if backend not in fused_backends(op, device):
             continue
-        fs, ft = _inputs((2, 3, 5, 7), (2, 3, 5, 7), device, seed=10)
+        fs, ft = random_pair((2, 3, 5, 7), (2, 3, 5, 7), device, seed=10)
         fs.requires_grad_(True)
         ft.requires_grad_(True)
         getattr(kdk, op)(fs, ft, backend=backend, **kw).backward()
@@ -290,7 +276,7 @@ def test_non_finite_propagates(backend, device):
                    (PR, {"distance": "mse"}), (PR, {"distance": "kl"})):
         if backend not in fused_backends(op, device):
             continue
-        fs, ft = _inputs((2, 3, 5, 7), (2, 3, 5, 7), device, seed=11)
+        fs, ft = random_pair((2, 3, 5, 7), (2, 3, 5, 7), device, seed=11)
         fs[0, 1, 2, 3] = float("nan")
         assert torch.isnan(getattr(kdk, op)(fs, ft, backend=backend, **kw)), (op, kw)
         fs[0, 1, 2, 3] = float("inf")
@@ -300,7 +286,7 @@ def test_non_finite_propagates(backend, device):
 @pytest.mark.parametrize("backend,device", PR_TARGETS, ids=PR_IDS)
 def test_zero_pixels(backend, device):
     """Pixels whose vector is zero (norm below eps) take the eps branch of the normalisation."""
-    fs, ft = _inputs((2, 4, 5, 7), (2, 3, 5, 7), device, seed=13)
+    fs, ft = random_pair((2, 4, 5, 7), (2, 3, 5, 7), device, seed=13)
     fs[0, :, 1, 2] = 0
     ft[1, :, 3, 4] = 0
     fs[1, :, 0, 0] = 1e-14
@@ -314,9 +300,9 @@ def test_deterministic(backend, device):
                    (PR, {"distance": "kl"})):
         if backend not in fused_backends(op, device):
             continue
-        fs, ft = _inputs((2, 8, 13, 11), (2, 8, 13, 11), device, seed=14)
-        first = _loss_and_grad(_fused(op, backend), fs, ft, **kw)
-        again = _loss_and_grad(_fused(op, backend), fs, ft, **kw)
+        fs, ft = random_pair((2, 8, 13, 11), (2, 8, 13, 11), device, seed=14)
+        first = loss_and_grad(_fused(op, backend), fs, ft, **kw)
+        again = loss_and_grad(_fused(op, backend), fs, ft, **kw)
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1]), (op, kw)
 
 
@@ -328,7 +314,7 @@ def test_deterministic(backend, device):
                                      for t in (0.5, 2.0)], ids=lambda v: "-".join(map(str, v)))
 def test_gradcheck_channel_cpu(variant):
     normalize, distance, tau = variant
-    fs, ft = _inputs((2, 3, 4, 5), (2, 3, 4, 5), "cpu", dtype=torch.float64, seed=15)
+    fs, ft = random_pair((2, 3, 4, 5), (2, 3, 4, 5), "cpu", dtype=torch.float64, seed=15)
     fs.requires_grad_(True)
     assert torch.autograd.gradcheck(
         lambda x: kdk.channel_relation_loss(x, ft, normalize=normalize, distance=distance, tau=tau,
@@ -355,8 +341,8 @@ def _extension_targets():
 @pytest.mark.parametrize("device", _extension_targets())
 def test_opcheck_extension_ops(device):
     ops = torch.ops.kdkernels
-    fs, ft = _inputs((2, 3, 5, 7), (2, 3, 5, 7), device, seed=18)
-    fs_wide = _inputs((2, 4, 5, 7), (2, 4, 5, 7), device, seed=19)[0]
+    fs, ft = random_pair((2, 3, 5, 7), (2, 3, 5, 7), device, seed=18)
+    fs_wide = random_pair((2, 4, 5, 7), (2, 4, 5, 7), device, seed=19)[0]
     grad = torch.tensor(1.0, device=device)
     for normalize, distance in (("l2", "mse"), ("softmax", "kl")):
         args = (fs.requires_grad_(True), ft, normalize, distance, 0.5)
@@ -376,7 +362,7 @@ def test_opcheck_extension_ops(device):
 
 @pytest.mark.skipif(not HAS_CPU, reason="no CPU extension")
 def test_compiles_fullgraph_cpu():
-    fs, ft = _inputs((2, 4, 7, 9), (2, 3, 7, 9), "cpu", seed=20)
+    fs, ft = random_pair((2, 4, 7, 9), (2, 3, 7, 9), "cpu", seed=20)
 
     def losses(x, y):
         return (kdk.channel_relation_loss(x, y[:, :1].expand(-1, 4, -1, -1), normalize="softmax",
@@ -384,8 +370,8 @@ def test_compiles_fullgraph_cpu():
                 + kdk.pixel_relation_loss(x, y, backend="cpu")
                 + kdk.pixel_relation_loss(x, y, distance="kl", tau=0.5, backend="cpu"))
 
-    loss, grad = _loss_and_grad(torch.compile(losses, fullgraph=True), fs, ft)
-    ref_loss, ref_grad = _loss_and_grad(losses, fs, ft)
+    loss, grad = loss_and_grad(torch.compile(losses, fullgraph=True), fs, ft)
+    ref_loss, ref_grad = loss_and_grad(losses, fs, ft)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-9)
 

@@ -10,33 +10,12 @@
 #include <tuple>
 
 #include "cuda/attention_transfer_kernel.h"
+#include "cuda/tensor_view.h"
 
 namespace kdk {
 namespace {
 
-gpu::DType dtype_tag(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kHalf: return gpu::DType::kFloat16;
-    case at::kBFloat16: return gpu::DType::kBFloat16;
-    case at::kFloat: return gpu::DType::kFloat32;
-    case at::kDouble: return gpu::DType::kFloat64;
-    default:
-      TORCH_CHECK(false, "attention_transfer: ", name, " must be float16, bfloat16, float32 or float64, got ",
-                  t.scalar_type());
-  }
-}
-
-gpu::Tensor4 view4(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 4, "attention_transfer: ", name, " must be 4-D (B, C, H, W), got ", t.dim(), "-D");
-  gpu::Tensor4 v;
-  v.data = t.data_ptr();
-  v.dtype = dtype_tag(t, name);
-  for (int d = 0; d < 4; ++d) {
-    v.size[d] = t.size(d);
-    v.stride[d] = t.stride(d);
-  }
-  return v;
-}
+constexpr const char* kOp = "attention_transfer";
 
 double reduction_scale(c10::string_view reduction, int64_t B, int64_t N) {
   if (reduction == "mean") return 1.0 / (static_cast<double>(B) * static_cast<double>(N));
@@ -49,7 +28,7 @@ std::tuple<at::Tensor, at::Tensor> attention_transfer_cuda(const at::Tensor& fs,
                                                            c10::string_view reduction) {
   TORCH_CHECK(fs.is_cuda() && ft.is_cuda(), "attention_transfer: fs and ft must be CUDA tensors");
   TORCH_CHECK(fs.device() == ft.device(), "attention_transfer: fs and ft are on different devices");
-  const gpu::Tensor4 vs = view4(fs, "fs"), vt = view4(ft, "ft");
+  const gpu::Tensor4 vs = view4(fs, kOp, "fs"), vt = view4(ft, kOp, "ft");
   TORCH_CHECK(fs.size(0) == ft.size(0), "attention_transfer: batch sizes differ (", fs.size(0), " vs ",
               ft.size(0), ")");
   const bool f64 = fs.scalar_type() == at::kDouble;
@@ -72,7 +51,7 @@ at::Tensor attention_transfer_backward_cuda(const at::Tensor& grad, const at::Te
                                             double p) {
   TORCH_CHECK(fs.is_cuda() && coeff.is_cuda(), "attention_transfer_backward: fs and coeff must be CUDA tensors");
   TORCH_CHECK(fs.device() == coeff.device(), "attention_transfer_backward: fs and coeff are on different devices");
-  const gpu::Tensor4 vs = view4(fs, "fs");
+  const gpu::Tensor4 vs = view4(fs, kOp, "fs");
   const auto acc = fs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(coeff.dim() == 3 && coeff.size(0) == fs.size(0) && coeff.scalar_type() == acc,
               "attention_transfer_backward: coeff must be (B, Ho, Wo) of the accumulation dtype");

@@ -249,6 +249,20 @@ void kl_row_finish(const KlRow<T>& s, double inv_tau, T* lse_s, T* lse_t, double
   *kl = row;
 }
 
+// The r x jc tiles S_s = A_I^T A_J and S_t = T_I^T T_J of one (row block, column block), into
+// preallocated per-thread buffers; the forward and the recomputing backward share them.
+std::pair<at::Tensor, at::Tensor> score_tiles(const at::Tensor& ss_buf, const at::Tensor& st_buf,
+                                              const at::Tensor& a_rows, const at::Tensor& t_rows,
+                                              const at::Tensor& ab, const at::Tensor& tb,
+                                              int64_t j0, int64_t jc) {
+  const int64_t r = a_rows.size(0);
+  at::Tensor ss = ss_buf.narrow(0, 0, r * jc).view({r, jc});
+  at::Tensor st = st_buf.narrow(0, 0, r * jc).view({r, jc});
+  at::mm_out(ss, a_rows, ab.narrow(1, j0, jc));
+  at::mm_out(st, t_rows, tb.narrow(1, j0, jc));
+  return {ss, st};
+}
+
 template <typename T>
 void kl_forward(const at::Tensor& a, const at::Tensor& t, double tau, T* lse_s, T* lse_t,
                 double* row_kl) {
@@ -269,10 +283,7 @@ void kl_forward(const at::Tensor& a, const at::Tensor& t, double tau, T* lse_s, 
       std::fill(rows.begin(), rows.end(), KlRow<T>{ninf, ninf, T(0), 0.0, 0.0, 0.0, 0.0});
       for (int64_t j0 = 0; j0 < N; j0 += kKlCols) {
         const int64_t jc = std::min(kKlCols, N - j0);
-        at::Tensor ss = ss_buf.narrow(0, 0, r * jc).view({r, jc});
-        at::Tensor st = st_buf.narrow(0, 0, r * jc).view({r, jc});
-        at::mm_out(ss, a_rows, ab.narrow(1, j0, jc));
-        at::mm_out(st, t_rows, tb.narrow(1, j0, jc));
+        auto [ss, st] = score_tiles(ss_buf, st_buf, a_rows, t_rows, ab, tb, j0, jc);
         tile_update(rows.data(), ss.data_ptr<T>(), st.data_ptr<T>(), r, jc, inv_tau);
       }
       for (int64_t i = 0; i < r; ++i) {
@@ -382,10 +393,7 @@ void kl_backward(const at::Tensor& a, const at::Tensor& t, const double* norms, 
       const int64_t row0 = b * N;
       for (int64_t j0 = 0; j0 < N; j0 += kKlCols) {
         const int64_t jc = std::min(kKlCols, N - j0);
-        at::Tensor ss = ss_buf.narrow(0, 0, r * jc).view({r, jc});
-        at::Tensor st = st_buf.narrow(0, 0, r * jc).view({r, jc});
-        at::mm_out(ss, a_rows, ab.narrow(1, j0, jc));
-        at::mm_out(st, t_rows, tb.narrow(1, j0, jc));
+        auto [ss, st] = score_tiles(ss_buf, st_buf, a_rows, t_rows, ab, tb, j0, jc);
         const int64_t ri = row0 + i0, cj = row0 + j0;
         tile_grad(ss.data_ptr<T>(), st.data_ptr<T>(), r, jc, inv_tau, kk, lse_s + ri, lse_t + ri,
                   dl.data() + ri, lse_s + cj, lse_t + cj, dl.data() + cj);

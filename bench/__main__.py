@@ -174,8 +174,12 @@ def main(argv=None) -> int:
                        "(2 x student; pixel_relation mse: + teacher); full: fwd + bwd. "
                        "gbps = bytes / median time, % of copy_gbps",
         "flops_model": "pixel_relation kl: matrix-product flops of the tiled route, fwd "
-                       "2 B N^2 (Cs + Ct), bwd fwd + 2 B N^2 Cs; tflops = flops / median time, "
-                       "% of matmul_tflops (float32)",
+                       "2 B N^2 (Cs + Ct), bwd fwd + 2 B N^2 Cs; logit_attention: fwd "
+                       "8 B K H^2 W (scores and P X of student and teacher), bwd 8 B K H^2 W "
+                       "(the attention backward's four products, recomputation not counted); "
+                       "tflops = flops / median time, % of matmul_tflops (float32)",
+        "peers": "other libraries' kernels for the same math (bench/peers.py), inputs "
+                 "permuted to their layout inside the timed call",
     })
     record = {**env, "roofline": roof, "settings": settings, "backends": kdk.backends(),
               "skipped": skipped, "results": rows}

@@ -23,6 +23,21 @@ def feature_pair(shapes: dict, device, dtype: torch.dtype, seed: int = 0) -> tup
     return fs, ft.to(device=device, dtype=dtype)
 
 
+def segmentation_pair(shapes: dict, device, dtype: torch.dtype, seed: int = 0) -> tuple:
+    """(logits, mask) for structure_loss: N(0, 2) logits that require a gradient and a 0/1 mask
+    holding one random ellipse per map (a polyp-like blob, so the 31x31 boundary weights vary)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = 2 * torch.randn(shapes["student"], generator=g)
+    b, k, h, w = shapes["teacher"]
+    centre = torch.rand(b, k, 2, 1, 1, generator=g)
+    radius = 0.1 + 0.3 * torch.rand(b, k, 2, 1, 1, generator=g)
+    y = torch.linspace(0, 1, h).view(1, 1, h, 1)
+    x = torch.linspace(0, 1, w).view(1, 1, 1, w)
+    inside = ((y - centre[:, :, 0]) / radius[:, :, 0]) ** 2 + ((x - centre[:, :, 1]) / radius[:, :, 1]) ** 2
+    mask = (inside <= 1).to(dtype)
+    return logits.to(device=device, dtype=dtype).requires_grad_(True), mask.to(device)
+
+
 def student_teacher_bytes(shapes: dict, itemsize: int) -> dict:
     """fwd reads student + teacher once; bwd reads the student and writes its gradient."""
     numel = {name: _numel(shape) for name, shape in shapes.items()}
@@ -46,6 +61,17 @@ def pixel_kl_flops(shapes: dict) -> dict:
     ct, n = shapes["teacher"][1], h * w
     fwd = 2 * b * n * n * (cs + ct)
     bwd = fwd + 2 * b * n * n * cs
+    return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}
+
+
+def logit_attention_flops(shapes: dict) -> dict:
+    """Matrix-product flops of A(X) = softmax(X X^T / sqrt(W)) X per H x W map, as flash-attention
+    counts them: fwd 4 H^2 W per map for the scores and P X, student and teacher; bwd the four
+    products of the attention backward (dP = dA X^T, P^T dA, dS X, dS^T X), 8 H^2 W per student
+    map, recomputation not counted."""
+    b, k, h, w = shapes["student"]
+    fwd = 2 * b * k * 4 * h * h * w
+    bwd = b * k * 8 * h * h * w
     return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}
 
 
@@ -83,6 +109,7 @@ class Case:
     bytes_model: Callable = student_teacher_bytes   # (shapes, itemsize) -> {mode: bytes}
     flops_model: Callable | None = None  # (shapes) -> {mode: flops}; set for compute-bound cases
     memory_model: Callable | None = None  # (shapes, kwargs, backend, modes) -> bytes or None
+    peers: tuple = ()  # other libraries' kernels for the same math (bench/peers.py)
 
     def inputs(self, device, dtype: torch.dtype) -> tuple:
         return self.make_inputs(self.shapes, device, dtype)
@@ -103,6 +130,12 @@ class Case:
 _AT = "attention_transfer_loss"
 _CR = "channel_relation_loss"
 _PR = "pixel_relation_loss"
+_SGM = "sgm_loss"
+_LA = "logit_attention_loss"
+_PKL = "pixel_kl_loss"
+_CWD = "channel_wise_kl_loss"
+_ST = "structure_loss"
+_KDAS_LOGITS = (1, 352, 352)
 
 
 def pixel_relation_models(distance: str) -> dict:
@@ -153,6 +186,38 @@ CASES = [
     _pixel("acceptance_96_mse", 64, 64, 96, "mse", 2, 2, quick_side=32),
     _pixel("memory_128_mse", 64, 64, 128, "mse", 2, 2, quick_side=32),
     _pixel("memory_128_kl", 64, 64, 128, "kl", 2, 2, quick_side=32),
+    # KDAS: full-resolution 1-channel logit maps P1/P2, student against teacher.
+    (_SGM, "kdas", _KDAS_LOGITS, _KDAS_LOGITS, dict(distance="mse"), 16, 2,
+     ((1, 64, 64), (1, 64, 64))),
+    (_SGM, "acceptance_b8", _KDAS_LOGITS, _KDAS_LOGITS, dict(distance="mse"), 8, 8,
+     ((1, 96, 96), (1, 96, 96))),
+    (_SGM, "kdas_l1", _KDAS_LOGITS, _KDAS_LOGITS, dict(distance="l1"), 16, 2,
+     ((1, 64, 64), (1, 64, 64))),
+    (_LA, "kdas", _KDAS_LOGITS, _KDAS_LOGITS, dict(tau=2.0), 16, 2,
+     ((1, 48, 48), (1, 48, 48)), dict(flops_model=logit_attention_flops)),
+    (_LA, "acceptance_b8", _KDAS_LOGITS, _KDAS_LOGITS, dict(tau=2.0), 8, 8,
+     ((1, 64, 64), (1, 64, 64)), dict(flops_model=logit_attention_flops)),
+    (_ST, "kdas", _KDAS_LOGITS, _KDAS_LOGITS, {}, 16, 2,
+     ((1, 64, 64), (1, 64, 64)), dict(make_inputs=segmentation_pair)),
+    (_ST, "acceptance_b8", _KDAS_LOGITS, _KDAS_LOGITS, {}, 8, 8,
+     ((1, 96, 96), (1, 96, 96)), dict(make_inputs=segmentation_pair)),
+    # HLFD pixel level: per-pixel distributions over 256 channels at 384 x 384 (the largest
+    # tensors of SPEC section 5), and the issue's acceptance case over 19 classes.
+    (_PKL, "hlfd", (256, 384, 384), (256, 384, 384), dict(temperature=4.0), 8, 2,
+     ((32, 32, 32), (32, 32, 32)), dict(peers=("liger",))),
+    (_PKL, "acceptance_b8", (19, 128, 128), (19, 128, 128), dict(temperature=4.0), 8, 8,
+     ((19, 32, 32), (19, 32, 32)), dict(peers=("liger",))),
+    # KDAS binary logits (K = 1: sigmoid, Bernoulli KL) and LTG's classification logits
+    # (Hyper-Kvasir, 23 classes; B x K, so the batch is the row count).
+    (_PKL, "kdas_binary", _KDAS_LOGITS, _KDAS_LOGITS, dict(temperature=4.0), 16, 2,
+     ((1, 64, 64), (1, 64, 64))),
+    (_PKL, "ltg_logits", (23,), (23,), dict(temperature=4.0), 4096, 4096,
+     ((23,), (23,)), dict(peers=("liger",))),
+    # CWD on KDAS-sized features, and the issue's acceptance case.
+    (_CWD, "kdas_features", (64, 88, 88), (64, 88, 88), dict(tau=4.0), 16, 2,
+     ((16, 32, 32), (16, 32, 32))),
+    (_CWD, "acceptance_b8", (64, 88, 88), (64, 88, 88), dict(tau=4.0), 8, 8,
+     ((16, 32, 32), (16, 32, 32))),
 ]
 
 

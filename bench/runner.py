@@ -9,7 +9,7 @@ import time
 import torch
 
 import kdkernels as kdk
-from bench import harness
+from bench import harness, peers
 from bench.cases import Case
 
 MODES = ("fwd", "bwd", "full")
@@ -31,9 +31,10 @@ def fused_backends(op: str, device: torch.device) -> list[str]:
             and device.type in _RUNS_ON.get(name, ())]
 
 
-def implementations(case: Case, device: torch.device) -> dict:
-    """backend label -> f(*inputs) -> loss. "torch" is the public API with backend="torch" (the
-    eager reference behind the same validation), "compile" the reference under torch.compile."""
+def implementations(case: Case, device: torch.device) -> tuple[dict, list[dict]]:
+    """(backend label -> f(*inputs) -> loss, peers skipped). "torch" is the public API with
+    backend="torch" (the eager reference behind the same validation), "compile" the reference
+    under torch.compile; then the fused backends and the case's peers that run on `device`."""
     public = getattr(kdk, case.op)
     kw = case.kwargs
     impls = {"torch": lambda *a: public(*a, backend="torch", **kw)}
@@ -42,7 +43,17 @@ def implementations(case: Case, device: torch.device) -> dict:
     impls["compile"] = lambda *a: compiled(*a, **kw)
     for name in fused_backends(case.op, device):
         impls[name] = lambda *a, _b=name: public(*a, backend=_b, **kw)
-    return impls
+    skipped = []
+    for label in case.peers:
+        factory, runs_on = peers.PEERS[label]
+        if device.type not in runs_on:
+            continue
+        try:
+            impls[label] = factory(kw)
+        except ImportError as exc:
+            skipped.append({"case": case.name, "backend": label, "error": str(exc)[:500]})
+            log(f"  {label}: skipped ({exc})")
+    return impls, skipped
 
 
 def mode_steps(call, args: tuple, wanted) -> dict:
@@ -71,8 +82,9 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int,
     mem_budget (bytes) is not run; on CUDA an out-of-memory error is caught. Both give rows with
     oom set to the reason and no timings."""
     args = case.inputs(device, dtype)
-    fns, inner, skipped, oom, predicted = {}, {}, [], {}, {}
-    for backend, call in implementations(case, device).items():
+    fns, inner, oom, predicted = {}, {}, {}, {}
+    impls, skipped = implementations(case, device)
+    for backend, call in impls.items():
         predicted[backend] = case.predicted_memory(backend, modes)
         if device.type == "cpu" and (predicted[backend] or 0) > mem_budget:
             oom[backend] = (f"predicted {predicted[backend] / 1e9:.3g} GB > budget "

@@ -104,7 +104,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy"],
     extras_require={"triton": ["triton"], "test": ["pytest", "hypothesis", "pytest-benchmark"],
-                    "bench": ["matplotlib", "liger-kernel"]},
+                    "bench": ["matplotlib", "liger-kernel"], "torchdistill": ["torchdistill"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (if needed) with torch, triton, the test tools and matplotlib (bench plots), then
+# Creates .venv (if needed) with torch, triton, the test tools, matplotlib (bench plots) and
+# torchdistill (its integration is tested), then
 # builds kdkernels into it.
 # Sourced by scripts/test.sh and scripts/demo.sh; safe to run again (reuses what is there).
 set -euo pipefail
@@ -12,7 +13,7 @@ fi
 # torch 2.14.1 is a CUDA 13 build: with nvcc on the PATH the CUDA kernels compile and link even
 # on a machine without a GPU. Pinned so every machine builds against the same headers.
 .venv/bin/pip install -q --disable-pip-version-check torch==2.14.1 numpy triton ninja \
-  pytest hypothesis pytest-benchmark matplotlib
+  pytest hypothesis pytest-benchmark matplotlib torchdistill
 
 if command -v nvcc >/dev/null 2>&1 && [ "${KDKERNELS_SKIP_CUDA:-0}" = "0" ]; then
   export KDKERNELS_FORCE_CUDA=1   # fail loudly rather than silently drop the CUDA kernels

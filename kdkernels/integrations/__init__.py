@@ -1,0 +1,1 @@
+"""Adapters that register kdkernels losses with other distillation frameworks (import on demand)."""

@@ -34,4 +34,9 @@ TORCH_LIBRARY(kdkernels, m) {
   // backward.
   m.def("pixel_relation_kl(Tensor fs, Tensor ft, float tau) -> (Tensor, Tensor, Tensor)");
   m.def("pixel_relation_kl_backward(Tensor grad, Tensor fs, Tensor ft, Tensor lse_s, Tensor lse_t, float tau) -> Tensor");
+
+  // Channel-wise KL (CWD). Returns the loss and per (b, c) row (lse_t, lse_s - lse_t) (B x C x 2),
+  // from which the backward recomputes p_s - p_t in one pass over fs and ft.
+  m.def("channel_wise_kl(Tensor fs, Tensor ft, float tau) -> (Tensor, Tensor)");
+  m.def("channel_wise_kl_backward(Tensor grad, Tensor fs, Tensor ft, Tensor stats, float tau) -> Tensor");
 }

@@ -176,6 +176,15 @@ def pixel_kl_loss(zs, zt, temperature=4.0, mask=None, backend="auto"):
     return _run(op, backend, zs.device, zs, zt, temperature, mask)
 
 
+from kdkernels.ops import channel_wise_kl as _cwd_ext  # noqa: E402
+
+_dispatch.register("channel_wise_kl_loss", "cpu")(_cwd_ext.channel_wise_kl)
+if _dispatch.HAS_TRITON:
+    from kdkernels.triton import channel_wise_kl as _cwd_triton
+
+    _dispatch.register("channel_wise_kl_loss", "triton")(_cwd_triton.channel_wise_kl)
+
+
 def channel_wise_kl_loss(fs, ft, tau=4.0, backend="auto"):
     """Channel-wise distillation (CWD): per channel, KL of spatial softmaxes with temperature."""
     op = "channel_wise_kl_loss"

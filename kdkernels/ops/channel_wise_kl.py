@@ -1,0 +1,53 @@
+"""Channel-wise KL (CWD) on the compiled extension (CPU C++ kernels).
+
+kdkernels::channel_wise_kl returns (loss, stats): stats (B, C, 2) holds per (b, c) row lse_t and
+delta = lse_s - lse_t of the spatial softmaxes, from which kdkernels::channel_wise_kl_backward
+recomputes p_s - p_t in one pass over fs and ft (see csrc/cpu/channel_wise_kl.cpp for why the
+forward does not save a full-size unit gradient instead).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kdkernels import _dispatch
+
+
+def acc_dtype(fs: torch.Tensor) -> torch.dtype:
+    return torch.float64 if fs.dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(fs, ft, tau):
+    acc = acc_dtype(fs)
+    return fs.new_empty((), dtype=acc), fs.new_empty((fs.shape[0], fs.shape[1], 2), dtype=acc)
+
+
+def _fake_backward(grad, fs, ft, stats, tau):
+    return torch.empty_like(fs)
+
+
+def _setup_context(ctx, inputs, output):
+    fs, ft, tau = inputs
+    ctx.save_for_backward(fs, ft, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.tau = tau
+
+
+def _backward(ctx, grad_loss, _grad_stats):
+    fs, ft, stats = ctx.saved_tensors
+    grad_fs = torch.ops.kdkernels.channel_wise_kl_backward(grad_loss, fs, ft, stats, ctx.tau)
+    return grad_fs, None, None
+
+
+if _dispatch._STATUS["cpu"]["available"]:
+    torch.library.register_fake("kdkernels::channel_wise_kl")(_fake_forward)
+    torch.library.register_fake("kdkernels::channel_wise_kl_backward")(_fake_backward)
+    torch.library.register_autograd(
+        "kdkernels::channel_wise_kl", _backward, setup_context=_setup_context)
+
+
+def channel_wise_kl(fs, ft, tau):
+    """Validated inputs of equal shapes; returns the loss. A float64/other mix runs in float64."""
+    if (fs.dtype == torch.float64) != (ft.dtype == torch.float64):
+        fs, ft = fs.double(), ft.double()
+    return torch.ops.kdkernels.channel_wise_kl(fs, ft.detach(), float(tau))[0]

@@ -1,0 +1,356 @@
+"""Channel-wise KL (CWD) in Triton: kernels, launchers and autograd registration.
+
+Per (b, c) row of N = H * W pixels, p = softmax(F / tau) over the pixels and
+loss = tau^2 / (B C) * sum_rows KL(p_t || p_s). Same math and saved statistics as the CPU kernel
+(csrc/cpu/channel_wise_kl.cpp, which also explains the cancellation-free near-teacher forms).
+
+* forward, grid (channel blocks, splits of N, B): a program streams [BLOCK_C, BLOCK_N] tiles of
+  fs and ft through their strides over its share of the row's pixels, with an online softmax
+  per row (tile maximum, accumulator tiles rescaled when it grows): per lane sums of e_s, e_t,
+  e_t d, e_t phi(d) and max |d|, reduced over the lanes at the end into a (split, B, C, 7)
+  buffer (m_s, m_t, sum e_s, sum e_t, sum e_t d, sum e_t phi(d), max |d|). One read of fs, ft.
+* finish, grid (row blocks,): merges the splits of each row in split order, in float64, into
+  stats (B, C, 2) = (lse_t, delta = lse_s - lse_t) and the row's KL; the loss is the
+  fixed-order float64 sum of the rows. Splitting N keeps the GPU busy when B * C is small or
+  the channels are innermost (channels_last packs BLOCK_C rows into one program) without
+  atomics: the splits depend only on shape, layout and dtype, so the bits are reproducible.
+* backward, grid (pixel blocks, channel blocks, B): elementwise, p_s - p_t recomputed from fs,
+  ft and the row stats, times g tau / (B C), stored in fs's dtype and layout.
+
+Why the backward re-reads fs and ft instead of the forward writing the unit gradient: it moves
+the same HBM bytes for float32 (the forward's extra write and the backward's read of a float32
+unit gradient equal the re-read of fs and ft, and the forward would need a second pass over each
+row to know lse_s first) and fewer for 16-bit inputs (a 16-bit unit gradient underflows before
+AMP's loss scale multiplies it, so it would have to be float32).
+
+Precision: per-element work in float32 (float64 for float64 inputs), lane sums in that type,
+the merge of the row statistics and the KL terms in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from kdkernels.triton._common import (
+    _acc_dtype,
+    _cast_for,
+    _define_op,
+    _pixel_offsets,
+    _scalar,
+    _strides,
+)
+
+__all__ = ["channel_wise_kl"]
+
+# [BLOCK_C, BLOCK_N] tiles: rows whose pixels are contiguous take 2 rows by 1024 pixels (4 KiB
+# contiguous fp32 runs), channels_last rows 32 channels (a 128-byte fp32 run per pixel) by 32
+# pixels; float64 tiles are smaller. Sizes and warps from ptxas's sm_90 reports (Triton 3.8), not
+# timings: no spills, and at most ~120 registers per thread (the forward keeps five
+# accumulator tiles; [32, 64] fp32 tiles with 4 warps spilled at 255 registers). Retune against
+# benchmarks.
+_TILES = {  # (channels innermost, float64) -> (BLOCK_C, BLOCK_N, num_warps)
+    (False, False): (2, 1024, 8), (True, False): (32, 32, 8),
+    (False, True): (2, 512, 8), (True, True): (16, 32, 8),
+}
+_BWD_TILES = {
+    (False, False): (8, 256, 4), (True, False): (32, 64, 8),
+    (False, True): (4, 256, 4), (True, True): (16, 32, 4),
+}
+# The forward splits each row's pixels so that about this many programs run (a fixed target,
+# not the SM count: the merge order, hence the bits, must not depend on the device).
+_TARGET_PROGRAMS = 1024
+_FINISH_BLOCK = 128
+
+
+@triton.jit
+def _phi(d):
+    """e^d - 1 - d for |d| <= 1 by its Taylor series to d^18 / 18! (float64 accurate)."""
+    q = d * (1.0 / 6402373705728000.0) + (1.0 / 355687428096000.0)
+    q = q * d + (1.0 / 20922789888000.0)
+    q = q * d + (1.0 / 1307674368000.0)
+    q = q * d + (1.0 / 87178291200.0)
+    q = q * d + (1.0 / 6227020800.0)
+    q = q * d + (1.0 / 479001600.0)
+    q = q * d + (1.0 / 39916800.0)
+    q = q * d + (1.0 / 3628800.0)
+    q = q * d + (1.0 / 362880.0)
+    q = q * d + (1.0 / 40320.0)
+    q = q * d + (1.0 / 5040.0)
+    q = q * d + (1.0 / 720.0)
+    q = q * d + (1.0 / 120.0)
+    q = q * d + (1.0 / 24.0)
+    q = q * d + (1.0 / 6.0)
+    q = q * d + 0.5
+    return d * d * q
+
+
+@triton.jit
+def _phi_clamped(d):
+    """_phi of d clamped to [-1, 1]: exact where |d| <= 1, finite (and unused) elsewhere."""
+    return _phi(tl.minimum(tl.maximum(d, -1.0), 1.0))
+
+
+@triton.jit
+def _log1p_minus_x(v):
+    """log(1 + v) - v in float64 without cancellation: its series (to v^17) for |v| < 0.1."""
+    q = v * (1.0 / 17.0) - (1.0 / 16.0)
+    q = q * v + (1.0 / 15.0)
+    q = q * v - (1.0 / 14.0)
+    q = q * v + (1.0 / 13.0)
+    q = q * v - (1.0 / 12.0)
+    q = q * v + (1.0 / 11.0)
+    q = q * v - (1.0 / 10.0)
+    q = q * v + (1.0 / 9.0)
+    q = q * v - (1.0 / 8.0)
+    q = q * v + (1.0 / 7.0)
+    q = q * v - (1.0 / 6.0)
+    q = q * v + (1.0 / 5.0)
+    q = q * v - (1.0 / 4.0)
+    q = q * v + (1.0 / 3.0)
+    q = q * v - 0.5
+    return tl.where(tl.abs(v) < 0.1, v * v * q, tl.log(1.0 + v) - v)
+
+
+@triton.jit
+def _cwd_fwd_kernel(
+    s_ptr, t_ptr, inv_tau_ptr, part_ptr,
+    C, N, W, chunk,
+    sB, sC, sH, sW, sN,
+    tB, tC, tH, tW, tN,
+    SFLAT: tl.constexpr, TFLAT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Partial row statistics of rows c (one channel block) over pixels [split * chunk, +chunk)."""
+    ACC: tl.constexpr = part_ptr.dtype.element_ty
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    mask_c = c < C
+    inv_tau = tl.load(inv_tau_ptr)
+    s_base = s_ptr + b * sB + (c.to(tl.int64) * sC)[:, None]
+    t_base = t_ptr + b * tB + (c.to(tl.int64) * tC)[:, None]
+    # Rows past C start at 0, not -inf: no -inf - -inf in lanes that are never stored.
+    m_s = tl.where(mask_c, float("-inf"), 0.0).to(ACC)
+    m_t = m_s
+    z_s = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC)
+    z_t = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC)
+    a = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC)  # e_t d
+    p = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC)  # e_t phi(d)
+    dmax = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC)
+    start = split * chunk
+    end = tl.minimum(start + chunk, N)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        mask = mask_c[:, None] & (n < end)[None, :]
+        xs = tl.load(s_base + _pixel_offsets(n, W, sH, sW, sN, SFLAT)[None, :], mask=mask,
+                     other=0.0).to(ACC)
+        xt = tl.load(t_base + _pixel_offsets(n, W, tH, tW, tN, TFLAT)[None, :], mask=mask,
+                     other=0.0).to(ACC)
+        zs = xs * inv_tau
+        zt = xt * inv_tau
+        # Online softmax: the accumulators were summed against the old (smaller) maxima.
+        new_s = tl.maximum(m_s, tl.max(tl.where(mask, zs, float("-inf")), axis=1))
+        new_t = tl.maximum(m_t, tl.max(tl.where(mask, zt, float("-inf")), axis=1))
+        alpha_s = tl.exp(m_s - new_s)[:, None]
+        alpha_t = tl.exp(m_t - new_t)[:, None]
+        m_s = new_s
+        m_t = new_t
+        e_s = tl.where(mask, tl.exp(zs - m_s[:, None]), 0.0)
+        e_t = tl.where(mask, tl.exp(zt - m_t[:, None]), 0.0)
+        d = tl.where(mask, (xs - xt) * inv_tau, 0.0)  # exact for close values, then one rounding
+        z_s = z_s * alpha_s + e_s
+        z_t = z_t * alpha_t + e_t
+        a = a * alpha_t + e_t * d
+        p = p * alpha_t + e_t * _phi_clamped(d)
+        dmax = tl.maximum(dmax, tl.abs(d))
+    out = part_ptr + ((split * tl.num_programs(2) + b) * C + c) * 7
+    tl.store(out + 0, m_s, mask=mask_c)
+    tl.store(out + 1, m_t, mask=mask_c)
+    tl.store(out + 2, tl.sum(z_s, axis=1), mask=mask_c)
+    tl.store(out + 3, tl.sum(z_t, axis=1), mask=mask_c)
+    tl.store(out + 4, tl.sum(a, axis=1), mask=mask_c)
+    tl.store(out + 5, tl.sum(p, axis=1), mask=mask_c)
+    tl.store(out + 6, tl.max(dmax, axis=1), mask=mask_c)
+
+
+@triton.jit
+def _cwd_finish_kernel(part_ptr, stats_ptr, kl_ptr, rows, splits, BLOCK: tl.constexpr):
+    """Merges each row's splits in order (float64): stats = (lse_t, delta), kl = the row's KL."""
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = r < rows
+    m_s = tl.full([BLOCK], float("-inf"), tl.float64)
+    m_t = tl.full([BLOCK], float("-inf"), tl.float64)
+    z_s = tl.zeros([BLOCK], dtype=tl.float64)
+    z_t = tl.zeros([BLOCK], dtype=tl.float64)
+    a = tl.zeros([BLOCK], dtype=tl.float64)
+    p = tl.zeros([BLOCK], dtype=tl.float64)
+    dmax = tl.zeros([BLOCK], dtype=tl.float64)
+    for split in range(0, splits):
+        src = part_ptr + (split * rows + r.to(tl.int64)) * 7
+        ms = tl.load(src + 0, mask=mask, other=0.0).to(tl.float64)
+        mt = tl.load(src + 1, mask=mask, other=0.0).to(tl.float64)
+        new_s = tl.maximum(m_s, ms)
+        new_t = tl.maximum(m_t, mt)
+        f_s = tl.exp(ms - new_s)
+        f_t = tl.exp(mt - new_t)
+        g_s = tl.exp(m_s - new_s)
+        g_t = tl.exp(m_t - new_t)
+        z_s = z_s * g_s + tl.load(src + 2, mask=mask, other=1.0).to(tl.float64) * f_s
+        z_t = z_t * g_t + tl.load(src + 3, mask=mask, other=1.0).to(tl.float64) * f_t
+        a = a * g_t + tl.load(src + 4, mask=mask, other=0.0).to(tl.float64) * f_t
+        p = p * g_t + tl.load(src + 5, mask=mask, other=0.0).to(tl.float64) * f_t
+        dmax = tl.maximum(dmax, tl.load(src + 6, mask=mask, other=0.0).to(tl.float64))
+        m_s = new_s
+        m_t = new_t
+    lse_t = m_t + tl.log(z_t)
+    # Near the teacher (every |d| <= 1): KL = E[phi(d)] + (log1p(u) - u), u = E[e^d - 1].
+    near = dmax <= 1.0
+    u = tl.where(near, (a + p) / z_t, 0.0)  # (far rows: u < -1 is possible and unused)
+    l1m = _log1p_minus_x(u)
+    delta = tl.where(near, l1m + u, m_s + tl.log(z_s) - lse_t)
+    kl = tl.where(near, p / z_t + l1m, delta - a / z_t)
+    tl.store(stats_ptr + 2 * r, _cast_for(lse_t, stats_ptr), mask=mask)
+    tl.store(stats_ptr + 2 * r + 1, _cast_for(delta, stats_ptr), mask=mask)
+    tl.store(kl_ptr + r, kl, mask=mask)
+
+
+@triton.jit
+def _cwd_bwd_kernel(
+    coef_ptr, s_ptr, t_ptr, inv_tau_ptr, stats_ptr, gx_ptr,
+    C, N, W,
+    sB, sC, sH, sW, sN,
+    tB, tC, tH, tW, tN,
+    gB, gC, gH, gW, gN,
+    SFLAT: tl.constexpr, TFLAT: tl.constexpr, GFLAT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """gx = coef (p_s - p_t); p_s - p_t = p_t expm1(x), x = d - delta, by the series if |x| <= 1."""
+    ACC: tl.constexpr = stats_ptr.dtype.element_ty
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(2).to(tl.int64)
+    mask_c = c < C
+    mask = mask_c[:, None] & (n < N)[None, :]
+    coff = c.to(tl.int64)
+    inv_tau = tl.load(inv_tau_ptr)
+    row = stats_ptr + (b * C + coff) * 2
+    lse_t = tl.load(row, mask=mask_c, other=0.0)[:, None]
+    delta = tl.load(row + 1, mask=mask_c, other=0.0)[:, None]
+    s_off = (coff * sC)[:, None] + _pixel_offsets(n, W, sH, sW, sN, SFLAT)[None, :]
+    t_off = (coff * tC)[:, None] + _pixel_offsets(n, W, tH, tW, tN, TFLAT)[None, :]
+    xs = tl.load(s_ptr + b * sB + s_off, mask=mask, other=0.0).to(ACC)
+    xt = tl.load(t_ptr + b * tB + t_off, mask=mask, other=0.0).to(ACC)
+    p_t = tl.exp(xt * inv_tau - lse_t)
+    x = (xs - xt) * inv_tau - delta  # log(p_s / p_t)
+    near = p_t * (x + _phi_clamped(x))
+    far = tl.exp(xs * inv_tau - lse_t - delta) - p_t
+    gx = tl.load(coef_ptr) * tl.where(tl.abs(x) <= 1.0, near, far)
+    out = gx_ptr + b * gB + (coff * gC)[:, None] + _pixel_offsets(n, W, gH, gW, gN, GFLAT)[None, :]
+    tl.store(out, _cast_for(gx, gx_ptr), mask=mask)
+
+
+# --- host side ------------------------------------------------------------------------------
+
+
+def _channels_inner(*xs: torch.Tensor) -> bool:
+    """Whether some input keeps a pixel's channels together (channels_last-like strides)."""
+    return any(x.shape[1] > 1 and x.stride(1) < x.stride(3) for x in xs)
+
+
+@_define_op("kdkernels::channel_wise_kl_triton", mutates_args=())
+def _channel_wise_kl_fwd(
+    fs: torch.Tensor, ft: torch.Tensor, tau: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, stats (B, C, 2) = per row (lse_t, lse_s - lse_t)) in the accumulation dtype."""
+    B, C, H, W = fs.shape
+    N = H * W
+    acc = _acc_dtype(fs)
+    block_c, block_n, warps = _TILES[(_channels_inner(fs, ft), acc == torch.float64)]
+    row_blocks = triton.cdiv(C, block_c) * B
+    splits = max(1, min(triton.cdiv(N, block_n), _TARGET_PROGRAMS // row_blocks))
+    chunk = triton.cdiv(triton.cdiv(N, splits), block_n) * block_n
+    splits = triton.cdiv(N, chunk)
+    part = torch.empty((splits, B, C, 7), dtype=acc, device=fs.device)
+    inv_tau = _scalar(1.0 / tau, fs, acc)
+    sB, sC, sH, sW, sN, sflat = _strides(fs)
+    tB, tC, tH, tW, tN, tflat = _strides(ft)
+    wrap_triton(_cwd_fwd_kernel)[(triton.cdiv(C, block_c), splits, B)](
+        fs, ft, inv_tau, part, C, N, W, chunk,
+        sB, sC, sH, sW, sN,
+        tB, tC, tH, tW, tN,
+        SFLAT=sflat, TFLAT=tflat, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=warps,
+    )
+    stats = torch.empty((B, C, 2), dtype=acc, device=fs.device)
+    kl = torch.empty((B * C,), dtype=torch.float64, device=fs.device)
+    wrap_triton(_cwd_finish_kernel)[(triton.cdiv(B * C, _FINISH_BLOCK),)](
+        part, stats, kl, B * C, splits, BLOCK=_FINISH_BLOCK, num_warps=4,
+    )
+    loss = kl.sum() * (tau * tau / (B * C))
+    return loss.to(acc), stats
+
+
+@_define_op("kdkernels::channel_wise_kl_triton_backward", mutates_args=())
+def _channel_wise_kl_bwd(
+    grad: torch.Tensor, fs: torch.Tensor, ft: torch.Tensor, stats: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """grad_fs for upstream gradient `grad` (0-dim), in fs's dtype and memory format."""
+    B, C, H, W = fs.shape
+    N = H * W
+    acc = stats.dtype
+    stats = stats.contiguous()
+    coef = grad.to(acc) * (tau / (B * C))
+    gx = torch.empty_like(fs)
+    block_c, block_n, warps = _BWD_TILES[(_channels_inner(fs, ft), acc == torch.float64)]
+    sB, sC, sH, sW, sN, sflat = _strides(fs)
+    tB, tC, tH, tW, tN, tflat = _strides(ft)
+    gB, gC, gH, gW, gN, gflat = _strides(gx)
+    wrap_triton(_cwd_bwd_kernel)[(triton.cdiv(N, block_n), triton.cdiv(C, block_c), B)](
+        coef, fs, ft, _scalar(1.0 / tau, fs, acc), stats, gx, C, N, W,
+        sB, sC, sH, sW, sN,
+        tB, tC, tH, tW, tN,
+        gB, gC, gH, gW, gN,
+        SFLAT=sflat, TFLAT=tflat, GFLAT=gflat, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=warps,
+    )
+    return gx
+
+
+@_channel_wise_kl_fwd.register_fake
+def _fake_fwd(fs, ft, tau):
+    acc = _acc_dtype(fs)
+    return fs.new_empty((), dtype=acc), fs.new_empty((fs.shape[0], fs.shape[1], 2), dtype=acc)
+
+
+@_channel_wise_kl_bwd.register_fake
+def _fake_bwd(grad, fs, ft, stats, tau):
+    return torch.empty_like(fs)
+
+
+def _setup_context(ctx, inputs, output):
+    fs, ft, tau = inputs
+    ctx.save_for_backward(fs, ft, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.tau = tau
+
+
+def _backward(ctx, grad_loss, _grad_stats):
+    fs, ft, stats = ctx.saved_tensors
+    grad_fs = torch.ops.kdkernels.channel_wise_kl_triton_backward(grad_loss, fs, ft, stats, ctx.tau)
+    return grad_fs, None, None
+
+
+torch.library.register_autograd(
+    "kdkernels::channel_wise_kl_triton", _backward, setup_context=_setup_context)
+
+
+def channel_wise_kl(fs: torch.Tensor, ft: torch.Tensor, tau: float) -> torch.Tensor:
+    """CWD loss (0-dim; float32, float64 for float64 inputs), autograd to fs.
+
+    Inputs are validated by the caller: equal shapes (B, C, H, W) on one device, any strides,
+    each float16/bfloat16/float32, or both float64 (one float64 input promotes both).
+    """
+    if (fs.dtype == torch.float64) != (ft.dtype == torch.float64):
+        fs, ft = fs.double(), ft.double()
+    return torch.ops.kdkernels.channel_wise_kl_triton(fs, ft.detach(), float(tau))[0]

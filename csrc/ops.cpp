@@ -34,4 +34,8 @@ TORCH_LIBRARY(kdkernels, m) {
   // backward.
   m.def("pixel_relation_kl(Tensor fs, Tensor ft, float tau) -> (Tensor, Tensor, Tensor)");
   m.def("pixel_relation_kl_backward(Tensor grad, Tensor fs, Tensor ft, Tensor lse_s, Tensor lse_t, float tau) -> Tensor");
+
+  // Structure loss. Returns the loss and, when need_grad, the unit gradient d loss / d logits
+  // (B x K x H x W, contiguous, float32/float64) made in the forward; else an empty tensor.
+  m.def("structure(Tensor logits, Tensor mask, bool need_grad) -> (Tensor, Tensor)");
 }

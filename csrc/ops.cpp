@@ -39,4 +39,8 @@ TORCH_LIBRARY(kdkernels, m) {
   // from which the backward recomputes p_s - p_t in one pass over fs and ft.
   m.def("channel_wise_kl(Tensor fs, Tensor ft, float tau) -> (Tensor, Tensor)");
   m.def("channel_wise_kl_backward(Tensor grad, Tensor fs, Tensor ft, Tensor stats, float tau) -> Tensor");
+
+  // Structure loss. Returns the loss and, when need_grad, the unit gradient d loss / d logits
+  // (B x K x H x W, contiguous, float32/float64) made in the forward; else an empty tensor.
+  m.def("structure(Tensor logits, Tensor mask, bool need_grad) -> (Tensor, Tensor)");
 }

@@ -194,6 +194,15 @@ def channel_wise_kl_loss(fs, ft, tau=4.0, backend="auto"):
     return _run(op, backend, fs.device, fs, ft, tau)
 
 
+from kdkernels.ops import structure as _st_ext  # noqa: E402
+
+_dispatch.register("structure_loss", "cpu")(_st_ext.structure)
+if _dispatch.HAS_TRITON:
+    from kdkernels.triton import structure as _st_triton
+
+    _dispatch.register("structure_loss", "triton")(_st_triton.structure)
+
+
 def structure_loss(logits, mask, backend="auto"):
     """PraNet/Polyp-PVT structure loss: boundary-weighted BCE plus weighted IoU against a mask."""
     op = "structure_loss"

@@ -34,4 +34,9 @@ TORCH_LIBRARY(kdkernels, m) {
   // backward.
   m.def("pixel_relation_kl(Tensor fs, Tensor ft, float tau) -> (Tensor, Tensor, Tensor)");
   m.def("pixel_relation_kl_backward(Tensor grad, Tensor fs, Tensor ft, Tensor lse_s, Tensor lse_t, float tau) -> Tensor");
+
+  // Pixel KL (response KD). Returns the loss and, when need_grad, d loss / d zs for a unit
+  // upstream gradient (zs's dtype and shape; else an empty tensor), written in the same pass, so
+  // the backward is one scale by the upstream gradient.
+  m.def("pixel_kl(Tensor zs, Tensor zt, float temperature, Tensor? mask, bool need_grad) -> (Tensor, Tensor)");
 }

@@ -45,7 +45,7 @@ def test_matches_reference(backend, device, shape, temperature, masked):
 
 @pytest.mark.parametrize("backend,device", TARGETS, ids=IDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", [(2, 3, 7, 9), (2, 1, 4, 6), (1, 19, 5, 3)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 7, 9), (2, 1, 4, 6), (1, 19, 8, 9)], ids=str)
 def test_layouts(backend, device, layout, shape):
     zs, zt = random_pair(shape, shape, device, seed=3)
     zs = make_layout(zs, layout)
@@ -263,3 +263,34 @@ def test_compiles_fullgraph(backend, device):
                                        mask=mask)
     assert_close_rel(loss, ref_loss, 1e-5, "loss")
     assert_close_rel(grad, ref_grad, 1e-4, "grad")
+
+
+def _free_memory_gib() -> float:
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) / 2**20
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("cpu" not in fused_backends(OP, "cpu"), reason="no CPU extension")
+def test_over_2_31_elements_cpu():
+    """64-bit indexing: a float16 student of 2^31 + 2^25 elements (the teacher a broadcast view)
+    gives the mean of the per-sample losses, each computed on a slice that 32-bit offsets could
+    still address."""
+    if _free_memory_gib() < 8:
+        pytest.skip("needs about 8 GiB of free memory")
+    per_sample = (64, 4096, 4096 + 128)
+    zs = torch.empty((2,) + per_sample, dtype=torch.float16)
+    for b in range(2):
+        zs[b].normal_(generator=torch.Generator().manual_seed(b))
+    assert zs.numel() > 2**31
+    zt = torch.randn(1, 64, 1, 4096 + 128).to(torch.float16).expand_as(zs)
+    mask = torch.ones(2, 4096, 4096 + 128, dtype=torch.bool)
+    mask[1, -1, -3:] = False  # the very last pixels, past 2^31 elements
+    with torch.no_grad():
+        loss = kdk.pixel_kl_loss(zs, zt, mask=mask, backend="cpu")
+        parts = [kdk.pixel_kl_loss(zs[b:b + 1], zt[b:b + 1], mask=mask[b:b + 1], backend="cpu")
+                 for b in (0, 1)]
+    counts = mask.flatten(1).sum(1).double()
+    expected = (parts[0] * counts[0] + parts[1] * counts[1]) / counts.sum()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)

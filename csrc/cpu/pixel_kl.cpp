@@ -3,7 +3,7 @@
 // logits (z, 0), which is the same Bernoulli distribution). One pass over zs and zt; when the
 // student needs a gradient the same pass writes d loss / d zs for a unit upstream gradient.
 //
-// A task owns a block of P pixels (P * K about kBlockElems) of the flattened (b, h, w) pixel
+// A task owns a block of P pixels (P * max(K, 2) about kBlockElems) of the flattened (b, h, w) pixel
 // index, so blocks may straddle samples (that keeps B x K classification logits vectorised).
 // The block's logits are gathered once into K x P float buffers, whatever the layout: NCHW
 // reads contiguous channel rows, channels_last and (B, K) logits read each pixel's contiguous
@@ -46,10 +46,8 @@ constexpr int64_t kMaxBlockPixels = 1024;
 // Where pixel (b, h, w) of a (B, K, H, W) tensor (or of a (B, H, W) mask) starts.
 struct Pixels {
   int64_t sB, sC, sH, sW;
-  // Stride between consecutive flattened pixels when the whole pixel index is one strided run,
-  // within a sample (plane) or across samples (all), else 0.
-  int64_t plane_step;
-  bool all_run;
+  int64_t plane_step;  // between consecutive pixels of a sample if its plane is one run, else 0
+  bool all_run;        // and the run goes on across samples
 };
 
 Pixels pixels(const at::Tensor& t, bool has_channels) {

@@ -322,14 +322,10 @@ cudaError_t launch(const Tensor4& zs, const Tensor4& zt, const Mask3& mask, void
   const T* s = static_cast<const T*>(zs.data);
   const T* t = static_cast<const T*>(zt.data);
   T* g = static_cast<T*>(grad);
-  const unsigned blocks = static_cast<unsigned>(plan.blocks);
-  if (channel_lanes) {
-    if (plan.cached) pixel_kl_kernel<T, acc_t, true, true><<<blocks, kThreads, 0, stream>>>(s, t, mask.data, g, a, partial);
-    else pixel_kl_kernel<T, acc_t, true, false><<<blocks, kThreads, 0, stream>>>(s, t, mask.data, g, a, partial);
-  } else {
-    if (plan.cached) pixel_kl_kernel<T, acc_t, false, true><<<blocks, kThreads, 0, stream>>>(s, t, mask.data, g, a, partial);
-    else pixel_kl_kernel<T, acc_t, false, false><<<blocks, kThreads, 0, stream>>>(s, t, mask.data, g, a, partial);
-  }
+  const auto kernel =
+      channel_lanes ? (plan.cached ? pixel_kl_kernel<T, acc_t, true, true> : pixel_kl_kernel<T, acc_t, true, false>)
+                    : (plan.cached ? pixel_kl_kernel<T, acc_t, false, true> : pixel_kl_kernel<T, acc_t, false, false>);
+  kernel<<<static_cast<unsigned>(plan.blocks), kThreads, 0, stream>>>(s, t, mask.data, g, a, partial);
   return cudaGetLastError();
 }
 

@@ -257,8 +257,8 @@ def _pixel_kl_triton(
     """(loss, grad_unit): grad_unit = d loss / d zs for a unit upstream gradient (need_grad),
     else an empty tensor."""
     if zs.shape != zt.shape or zs.dtype != zt.dtype or zs.dim() not in (2, 4):
-        raise ValueError("pixel_kl_triton: zs and zt must be (B, K) or (B, K, H, W) of one shape "
-                         f"and dtype, got {tuple(zs.shape)} {zs.dtype} and {tuple(zt.shape)} {zt.dtype}")
+        raise ValueError("pixel_kl_triton: zs and zt must be (B, K) or (B, K, H, W) of one shape and "
+                         f"dtype, got {tuple(zs.shape)} {zs.dtype} and {tuple(zt.shape)} {zt.dtype}")
     acc = _acc_dtype(zs)
     zs4, zt4 = _as_maps(zs, 4), _as_maps(zt, 4)
     B, K, H, W = zs4.shape
@@ -307,7 +307,8 @@ def _backward(ctx, grad_loss, _grad_unit):
     return scale_grad(grad_unit, grad_loss), None, None, None, None
 
 
-torch.library.register_autograd("kdkernels::pixel_kl_triton", _backward, setup_context=_setup_context)
+torch.library.register_autograd(
+    "kdkernels::pixel_kl_triton", _backward, setup_context=_setup_context)
 
 
 def pixel_kl(zs, zt, temperature, mask):

@@ -43,4 +43,9 @@ TORCH_LIBRARY(kdkernels, m) {
   // Structure loss. Returns the loss and, when need_grad, the unit gradient d loss / d logits
   // (B x K x H x W, contiguous, float32/float64) made in the forward; else an empty tensor.
   m.def("structure(Tensor logits, Tensor mask, bool need_grad) -> (Tensor, Tensor)");
+
+  // Pixel KL (response KD). Returns the loss and, when need_grad, d loss / d zs for a unit
+  // upstream gradient (zs's dtype and shape; else an empty tensor), written in the same pass, so
+  // the backward is one scale by the upstream gradient.
+  m.def("pixel_kl(Tensor zs, Tensor zt, float temperature, Tensor? mask, bool need_grad) -> (Tensor, Tensor)");
 }

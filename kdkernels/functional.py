@@ -14,6 +14,7 @@ from kdkernels import _dispatch, reference
 from kdkernels import _validation as check
 from kdkernels.ops import attention_transfer as _at_ext
 from kdkernels.ops import channel_relation as _cr_ext
+from kdkernels.ops import pixel_kl as _pkl_ext
 from kdkernels.ops import pixel_relation as _pr_ext
 
 __all__ = [
@@ -152,6 +153,15 @@ def logit_attention_loss(ps, pt, tau=2.0, backend="auto"):
     _same_maps(op, "ps", ps, "pt", pt)
     check.positive(op, "tau", tau)
     return _run(op, backend, ps.device, ps, pt, tau)
+
+
+# One entry for both: the CPU and CUDA kernels are registered per dispatch key.
+_dispatch.register("pixel_kl_loss", "cpu")(_pkl_ext.pixel_kl)
+_dispatch.register("pixel_kl_loss", "cuda")(_pkl_ext.pixel_kl)
+if _dispatch.HAS_TRITON:
+    from kdkernels.triton import pixel_kl as _pkl_triton
+
+    _dispatch.register("pixel_kl_loss", "triton")(_pkl_triton.pixel_kl)
 
 
 def pixel_kl_loss(zs, zt, temperature=4.0, mask=None, backend="auto"):

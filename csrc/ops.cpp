@@ -34,4 +34,9 @@ TORCH_LIBRARY(kdkernels, m) {
   // backward.
   m.def("pixel_relation_kl(Tensor fs, Tensor ft, float tau) -> (Tensor, Tensor, Tensor)");
   m.def("pixel_relation_kl_backward(Tensor grad, Tensor fs, Tensor ft, Tensor lse_s, Tensor lse_t, float tau) -> Tensor");
+
+  // KDAS Symmetrical Guiding Module, one pass: the loss and, if need_grad, d loss / d ps for a
+  // unit upstream gradient (ps's dtype and layout; else an empty tensor), so the backward is a
+  // scale.
+  m.def("sgm(Tensor ps, Tensor pt, str distance, bool need_grad) -> (Tensor, Tensor)");
 }

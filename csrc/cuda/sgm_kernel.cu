@@ -26,6 +26,9 @@ constexpr int kRows = 8;   // blockDim.y
 constexpr int kPer = kTile / kRows;  // tile rows per thread
 constexpr int kThreads = kTile * kRows;
 constexpr unsigned kFullMask = 0xffffffffu;
+// Resident blocks per SM asked of ptxas: 8 (32 registers, 2048 threads) holds a whole batch of
+// 16 maps of 352 x 352 (1056 tile pairs) on an H100's 132 SMs in one wave; the float64 variants
+// would spill at 32 registers and take 6.
 
 // Half and bfloat16 go through the explicit intrinsics (torch builds with the implicit
 // conversions disabled).
@@ -60,7 +63,7 @@ __device__ __forceinline__ acc_t diff(const T* s, const T* t, const SgmArgs& a, 
 }
 
 template <typename T, typename acc_t, bool L1, bool GRAD>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? 8 : 6)
     sgm_tiles(const T* __restrict__ ps, const T* __restrict__ pt, T* __restrict__ grad, SgmArgs a,
               acc_t k, acc_t* __restrict__ partial) {
   __shared__ acc_t tile[kTile][kTile + 1];  // +1: the transposed reads hit 32 different banks

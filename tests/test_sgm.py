@@ -19,8 +19,10 @@ IDS = [f"{b}-{d}" for b, d in TARGETS]
 HAS_CPU = "cpu" in fused_backends(OP, "cpu")
 DISTANCES = ("mse", "l1")
 
-# B = 1, K = 1 and 3, 3-D maps, H = 1, odd H, and H = 70 (3 tile bands, the last of 6 rows).
-SHAPES = [(2, 3, 7, 7), (1, 1, 37, 37), (1, 5, 5), (3, 1, 1, 1), (2, 33, 33), (1, 2, 70, 70)]
+# B = 1, K = 1 and 3, 3-D maps, H = 1, odd H, H = 70 (3 tile bands, the last of 6 rows) and
+# H = 300 (10 bands; not under the Triton interpreter).
+SHAPES = [(2, 3, 7, 7), (1, 1, 37, 37), (1, 5, 5), (3, 1, 1, 1), (2, 33, 33), (1, 2, 70, 70),
+          (2, 1, 300, 300)]
 
 
 def _is_interpreted(backend, device):

@@ -1,13 +1,18 @@
-// KDAS Symmetrical Guiding Module on the CPU: one pass over ps and pt that forms the loss and,
-// when asked, the unit gradient d loss / d ps.
+// KDAS Symmetrical Guiding Module on the CPU: the loss and, when asked, the unit gradient
+// d loss / d ps, both in the forward call.
 //
 // With D = ps - pt and M = D + D^T (symmetric), the loss is mean f(M) with f(m) = m^2 ("mse") or
-// |m| ("l1"), and d loss / d D = 2 f'(M) / n. A task takes one tile pair (I, J), I <= J, of one
-// (b, k) plane: it reads the tiles (I, J) and (J, I) of both inputs once (rows contiguous for
-// NCHW), transposes the second in a small buffer, and writes the gradient of both tiles from one
-// M tile. Off-diagonal pairs count twice in the loss. A tile sums its f(M) in kLanes partials of
-// the accumulation type (at most 128 non-negative terms each, so float loses < 1e-5 relative),
-// the tile sums are added in double in task order: the result does not depend on the thread
+// |m| ("l1"), and d loss / d ps = 2 f'(M) / n. The transpose is what makes this op slow on a
+// CPU: a tile-pair kernel that reads the mirrored tiles of ps and pt straight from memory walks
+// down columns in 128-byte runs, which measured about twice as slow as streaming when the maps
+// are not in cache. So:
+//  - pass 1 streams ps and pt once, row by row, into D (accumulation type, tile-padded scratch);
+//  - pass 2 takes a band of kTile rows of one plane: M[band, :] = D[band, :] + D[:, band]^T,
+//    the second term read from D (just written, in cache) in kTile x kTile blocks transposed in
+//    L1; the band's loss and gradient rows follow, and the gradient is written row by row.
+// Every access to ps, pt and the gradient is a sequential run. Sums: kLanes partials per tile in
+// the accumulation type (at most 128 non-negative terms each: float loses < 1e-5 relative), the
+// tiles of a band in double, the bands in task order: the result does not depend on the thread
 // count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -16,14 +21,15 @@
 
 #include <algorithm>
 #include <cmath>
-#include <utility>
+#include <memory>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace kdk {
 namespace {
 
-// Tile edge: the three tile buffers (12 KiB in float) stay in L1, and each tile row is a
-// 128-byte (float) run of memory.
+// Tile edge: 128-byte (float) runs of D per transposed block row.
 constexpr int64_t kTile = 32;
 constexpr int kLanes = 8;  // partial sums per tile, folded in lane order (vectorisable, fixed)
 
@@ -37,50 +43,44 @@ Maps maps_of(const at::Tensor& t) {
   return {t.size(0), t.size(1), t.size(2), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-// buf[r][c] = s[r, c] - t[r, c] for the rows x cols block whose corner s and t point at; the
-// rest of the kTile x kTile buffer is zero, so the tile loops run over whole rows and the
-// padding adds f(0) = 0.
+// out[c] = s[c] - t[c] for one row of H elements, zero up to the tile-padded width ldd.
 template <typename scalar_t, typename acc_t>
-void load_diff(const scalar_t* s, const Maps& vs, const scalar_t* t, const Maps& vt, int64_t rows,
-               int64_t cols, acc_t* buf) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* sr = s + r * vs.sH;
-    const scalar_t* tr = t + r * vt.sH;
-    acc_t* out = buf + r * kTile;
-    if (vs.sW == 1 && vt.sW == 1) {
-      for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<acc_t>(sr[c]) - static_cast<acc_t>(tr[c]);
-    } else {
-      for (int64_t c = 0; c < cols; ++c)
-        out[c] = static_cast<acc_t>(sr[c * vs.sW]) - static_cast<acc_t>(tr[c * vt.sW]);
-    }
-    std::fill(out + cols, out + kTile, acc_t(0));
+void diff_row(const scalar_t* s, int64_t ss, const scalar_t* t, int64_t ts, int64_t H, int64_t ldd,
+              acc_t* out) {
+  if (ss == 1 && ts == 1) {
+    for (int64_t c = 0; c < H; ++c) out[c] = static_cast<acc_t>(s[c]) - static_cast<acc_t>(t[c]);
+  } else {
+    for (int64_t c = 0; c < H; ++c) out[c] = static_cast<acc_t>(s[c * ss]) - static_cast<acc_t>(t[c * ts]);
   }
-  std::fill(buf + rows * kTile, buf + kTile * kTile, acc_t(0));
+  std::fill(out + H, out + ldd, acc_t(0));
 }
 
+// out (row stride ld_out) = the transpose of the kTile x kTile block in (row stride ld_in).
 template <typename acc_t>
-void transpose(const acc_t* __restrict in, acc_t* __restrict out) {
+void transpose(const acc_t* __restrict in, int64_t ld_in, acc_t* __restrict out, int64_t ld_out) {
   for (int64_t r = 0; r < kTile; ++r)
-    for (int64_t c = 0; c < kTile; ++c) out[c * kTile + r] = in[r * kTile + c];
+    for (int64_t c = 0; c < kTile; ++c) out[c * ld_out + r] = in[r * ld_in + c];
 }
 
-// The first `rows` rows of M = a + bt: returns sum f(M) and leaves k * f'(M) in a (f'(0) = 0
-// and f'(NaN) = 0: torch's sign convention).
+// For the first `rows` rows of the tile M = a + bt (a and g with row stride ld): returns sum f(M)
+// and writes g = k * f'(M) (f'(0) = 0 and f'(NaN) = 0: torch's sign convention).
 template <typename acc_t, bool L1>
-double tile_loss_grad(acc_t* __restrict a, const acc_t* __restrict bt, int64_t rows, acc_t k) {
+double tile_loss_grad(const acc_t* __restrict a, const acc_t* __restrict bt, acc_t* __restrict g,
+                      int64_t ld, int64_t rows, acc_t k) {
   acc_t part[kLanes] = {};
   for (int64_t r = 0; r < rows; ++r) {
-    acc_t* ar = a + r * kTile;
+    const acc_t* ar = a + r * ld;
     const acc_t* br = bt + r * kTile;
+    acc_t* gr = g + r * ld;
     for (int64_t c0 = 0; c0 < kTile; c0 += kLanes) {
       for (int l = 0; l < kLanes; ++l) {
         const acc_t m = ar[c0 + l] + br[c0 + l];
         if constexpr (L1) {
           part[l] += std::abs(m);
-          ar[c0 + l] = k * (static_cast<acc_t>(m > 0) - static_cast<acc_t>(m < 0));
+          gr[c0 + l] = k * (static_cast<acc_t>(m > 0) - static_cast<acc_t>(m < 0));
         } else {
           part[l] += m * m;
-          ar[c0 + l] = k * m;
+          gr[c0 + l] = k * m;
         }
       }
     }
@@ -91,9 +91,9 @@ double tile_loss_grad(acc_t* __restrict a, const acc_t* __restrict bt, int64_t r
 }
 
 template <typename scalar_t, typename acc_t>
-void store_tile(const acc_t* buf, int64_t rows, int64_t cols, scalar_t* g, const Maps& vg) {
+void store(const acc_t* buf, int64_t ld, int64_t rows, int64_t cols, scalar_t* g, const Maps& vg) {
   for (int64_t r = 0; r < rows; ++r) {
-    const acc_t* in = buf + r * kTile;
+    const acc_t* in = buf + r * ld;
     scalar_t* out = g + r * vg.sH;
     if (vg.sW == 1) {
       for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<scalar_t>(in[c]);
@@ -103,17 +103,8 @@ void store_tile(const acc_t* buf, int64_t rows, int64_t cols, scalar_t* g, const
   }
 }
 
-// The (I, J) tile pairs of one plane, I <= J, row band by row band.
-std::vector<std::pair<int64_t, int64_t>> tile_pairs(int64_t H) {
-  const int64_t tiles = (H + kTile - 1) / kTile;
-  std::vector<std::pair<int64_t, int64_t>> pairs;
-  pairs.reserve(tiles * (tiles + 1) / 2);
-  for (int64_t i = 0; i < tiles; ++i)
-    for (int64_t j = i; j < tiles; ++j) pairs.emplace_back(i, j);
-  return pairs;
-}
-
-// Returns sum f(M) over all planes; writes k * f'(M) into grad when it is defined.
+// Returns sum f(M) over all planes; writes k * f'(M) into grad when it is defined (the two
+// passes of the header comment).
 template <typename scalar_t, typename acc_t, bool L1>
 double sgm_pass(const at::Tensor& ps, const at::Tensor& pt, at::Tensor* grad, acc_t k) {
   const Maps vs = maps_of(ps), vt = maps_of(pt);
@@ -121,28 +112,38 @@ double sgm_pass(const at::Tensor& ps, const at::Tensor& pt, at::Tensor* grad, ac
   const scalar_t* sd = ps.data_ptr<scalar_t>();
   const scalar_t* td = pt.data_ptr<scalar_t>();
   scalar_t* gd = grad ? grad->data_ptr<scalar_t>() : nullptr;
-  const auto pairs = tile_pairs(vs.H);
-  const int64_t npairs = static_cast<int64_t>(pairs.size()), tasks = vs.B * vs.K * npairs;
+  const int64_t H = vs.H, planes = vs.B * vs.K, tiles = (H + kTile - 1) / kTile, ldd = tiles * kTile;
+  // D, zero-padded to whole tiles; left uninitialised here since pass 1 writes all of it.
+  std::unique_ptr<acc_t[]> diff(new acc_t[planes * ldd * ldd]);
+  at::parallel_for(0, planes * ldd, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t plane = row / ldd, h = row % ldd, bi = plane / vs.K, ki = plane % vs.K;
+      acc_t* out = diff.get() + row * ldd;
+      if (h < H) {
+        diff_row(sd + bi * vs.sB + ki * vs.sK + h * vs.sH, vs.sW, td + bi * vt.sB + ki * vt.sK + h * vt.sH,
+                 vt.sW, H, ldd, out);
+      } else {
+        std::fill(out, out + ldd, acc_t(0));  // the padding rows of the last tile band
+      }
+    }
+  });
+  const int64_t tasks = planes * tiles;
   std::vector<double> partial(tasks);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) acc_t a[kTile * kTile], b[kTile * kTile], bt[kTile * kTile];
+    std::vector<acc_t> buffers(kTile * ldd + kTile * kTile);
+    acc_t* band = buffers.data();  // the band's gradient rows
+    acc_t* bt = band + kTile * ldd;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t plane = task / npairs, bi = plane / vs.K, ki = plane % vs.K;
-      const int64_t i0 = pairs[task % npairs].first * kTile, j0 = pairs[task % npairs].second * kTile;
-      const int64_t ni = std::min(kTile, vs.H - i0), nj = std::min(kTile, vs.H - j0);
-      const scalar_t* s = sd + bi * vs.sB + ki * vs.sK;
-      const scalar_t* t = td + bi * vt.sB + ki * vt.sK;
-      load_diff(s + i0 * vs.sH + j0 * vs.sW, vs, t + i0 * vt.sH + j0 * vt.sW, vt, ni, nj, a);
-      load_diff(s + j0 * vs.sH + i0 * vs.sW, vs, t + j0 * vt.sH + i0 * vt.sW, vt, nj, ni, b);
-      transpose(b, bt);
-      const double sum = tile_loss_grad<acc_t, L1>(a, bt, ni, k);
-      partial[task] = i0 == j0 ? sum : 2.0 * sum;
-      if (!gd) continue;
-      scalar_t* g = gd + bi * vg.sB + ki * vg.sK;
-      store_tile(a, ni, nj, g + i0 * vg.sH + j0 * vg.sW, vg);
-      if (i0 == j0) continue;
-      transpose(a, bt);  // the (J, I) gradient tile is the transpose of the (I, J) one
-      store_tile(bt, nj, ni, g + j0 * vg.sH + i0 * vg.sW, vg);
+      const int64_t plane = task / tiles, i0 = (task % tiles) * kTile, bi = plane / vs.K, ki = plane % vs.K;
+      const acc_t* d = diff.get() + plane * ldd * ldd;
+      const int64_t ni = std::min(kTile, H - i0);
+      double sum = 0;
+      for (int64_t j0 = 0; j0 < ldd; j0 += kTile) {
+        transpose(d + j0 * ldd + i0, ldd, bt, kTile);
+        sum += tile_loss_grad<acc_t, L1>(d + i0 * ldd + j0, bt, band + j0, ldd, ni, k);
+      }
+      partial[task] = sum;
+      if (gd) store(band, ldd, ni, H, gd + bi * vg.sB + ki * vg.sK + i0 * vg.sH, vg);
     }
   });
   double total = 0;

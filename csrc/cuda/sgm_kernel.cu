@@ -5,9 +5,9 @@
 // 32-element tile row at a time (coalesced for row-major planes), D of tile (J, I) goes through
 // shared memory so that each thread meets its transposed partner, and the gradient of tile
 // (J, I) goes back through shared memory so that its stores are coalesced too. Each input
-// element is read once and each gradient element written once. Each block writes one partial
-// loss (a fixed-order block reduction); the caller sums them in a fixed order: no atomics, the
-// result is bitwise reproducible.
+// element is read once (a diagonal tile twice, the second time from cache) and each gradient element
+// written once. Each block writes one partial loss (a fixed-order block reduction); the caller
+// sums them in a fixed order: no atomics, the result is bitwise reproducible.
 #include "sgm_kernel.h"
 
 #include <cuda_bf16.h>

@@ -48,4 +48,9 @@ TORCH_LIBRARY(kdkernels, m) {
   // upstream gradient (zs's dtype and shape; else an empty tensor), written in the same pass, so
   // the backward is one scale by the upstream gradient.
   m.def("pixel_kl(Tensor zs, Tensor zt, float temperature, Tensor? mask, bool need_grad) -> (Tensor, Tensor)");
+
+  // KDAS Symmetrical Guiding Module, one pass: the loss and, if need_grad, d loss / d ps for a
+  // unit upstream gradient (ps's dtype and layout; else an empty tensor), so the backward is a
+  // scale.
+  m.def("sgm(Tensor ps, Tensor pt, str distance, bool need_grad) -> (Tensor, Tensor)");
 }

@@ -16,6 +16,7 @@ from kdkernels.ops import attention_transfer as _at_ext
 from kdkernels.ops import channel_relation as _cr_ext
 from kdkernels.ops import pixel_kl as _pkl_ext
 from kdkernels.ops import pixel_relation as _pr_ext
+from kdkernels.ops import sgm as _sgm_ext
 
 __all__ = [
     "attention_transfer_loss",
@@ -134,6 +135,15 @@ def pixel_relation_loss(fs, ft, distance="mse", tau=1.0, backend="auto"):
 def _same_maps(op, s_name, s, t_name, t, layout=_MAPS):
     check.student_teacher(op, s_name, s, t_name, t, (3, 4), layout)
     check.same_dims(op, "shapes", slice(None), s_name, s, t_name, t)
+
+
+# One compiled op serves both: its CPU and CUDA kernels are registered per dispatch key.
+_dispatch.register("sgm_loss", "cpu")(_sgm_ext.sgm)
+_dispatch.register("sgm_loss", "cuda")(_sgm_ext.sgm)
+if _dispatch.HAS_TRITON:
+    from kdkernels.triton import sgm as _sgm_triton
+
+    _dispatch.register("sgm_loss", "triton")(_sgm_triton.sgm)
 
 
 def sgm_loss(ps, pt, distance="mse", backend="auto"):

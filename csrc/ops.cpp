@@ -34,4 +34,9 @@ TORCH_LIBRARY(kdkernels, m) {
   // backward.
   m.def("pixel_relation_kl(Tensor fs, Tensor ft, float tau) -> (Tensor, Tensor, Tensor)");
   m.def("pixel_relation_kl_backward(Tensor grad, Tensor fs, Tensor ft, Tensor lse_s, Tensor lse_t, float tau) -> Tensor");
+
+  // Logit attention (KDAS): returns the loss and, when need_grad, d loss / d ps for a unit
+  // upstream gradient (ps's shape, accumulation dtype; empty otherwise): the whole backward runs
+  // with the forward, while the map's attention is in cache, and autograd only scales it.
+  m.def("logit_attention(Tensor ps, Tensor pt, float tau, bool need_grad) -> (Tensor, Tensor)");
 }

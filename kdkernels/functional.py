@@ -14,6 +14,7 @@ from kdkernels import _dispatch, reference
 from kdkernels import _validation as check
 from kdkernels.ops import attention_transfer as _at_ext
 from kdkernels.ops import channel_relation as _cr_ext
+from kdkernels.ops import logit_attention as _la_ext
 from kdkernels.ops import pixel_relation as _pr_ext
 
 __all__ = [
@@ -144,6 +145,13 @@ def sgm_loss(ps, pt, distance="mse", backend="auto"):
                          f"{tuple(ps.shape)}")
     check.choice(op, "distance", distance, ("mse", "l1"))
     return _run(op, backend, ps.device, ps, pt, distance)
+
+
+_dispatch.register("logit_attention_loss", "cpu")(_la_ext.logit_attention)
+if _dispatch.HAS_TRITON:
+    from kdkernels.triton import logit_attention as _la_triton
+
+    _dispatch.register("logit_attention_loss", "triton")(_la_triton.logit_attention)
 
 
 def logit_attention_loss(ps, pt, tau=2.0, backend="auto"):

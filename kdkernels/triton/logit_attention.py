@@ -46,12 +46,15 @@ from kdkernels.triton.pixel_relation import _expm1_minus_x, _log1p_minus_x, _sof
 __all__ = ["logit_attention"]
 
 # Attention tiles (BLOCK_M, BLOCK_N, BLOCK_D, max BLOCK_DV), float32 accumulation: 32 x 32 score
-# tiles over 32-wide steps of the head dim, A's columns in chunks of up to 128. float64 (FMA
-# broadcast products in _mm): small tiles. Chosen for register budgets, not from timings (no
-# GPU was available): retune against benchmarks.
-_ATTEND_BLOCK = (32, 32, 32, 128)
+# tiles over 16-wide steps of the head dim, A's columns in chunks of up to 128. float64 (FMA
+# broadcast products in _mm): small tiles. From ptxas's sm_90 reports (Triton 3.8), not from
+# timings (no GPU was available): the fp32 "ieee" dots are register-hungry; with 8 warps the
+# forward compiles without spills (185 registers) and the backward with 24 bytes (BLOCK_D = 32
+# or 4 warps spill more, BLOCK_DV = 64 would not spill but recomputes the scores twice as
+# often). Retune against benchmarks.
+_ATTEND_BLOCK = (32, 32, 16, 128)
 _ATTEND_BLOCK_FP64 = (16, 16, 8, 16)
-_ATTEND_WARPS = 4
+_ATTEND_WARPS = 8
 # The KL kernel's row tiles: BLOCK_W = W rounded up to a power of two, rows to fill this many.
 _KL_TILE = 2048
 _KL_WARPS = 8

@@ -14,7 +14,7 @@
 // float32 (float64 for float64 inputs); the row kernels (softmaxes, spatial statistics, the
 // gradient) are vectorised, with per-ISA clones (relation_common.h).
 //
-// Parallelism: with at least as many maps as threads, one map per task (the phases then run
+// Parallelism: with at least as many maps as threads, whole maps per thread (the phases then run
 // inline). With fewer maps, the maps go one after the other and each phase is parallel over its
 // row blocks. Every reduction has a fixed order (row blocks in order, then maps in order): no
 // atomics, results are reproducible.
@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -373,11 +374,15 @@ std::tuple<at::Tensor, at::Tensor> logit_attention_cpu(const at::Tensor& ps, con
       kl[m] = map_kl<scalar_t>(ws, ps.select(0, b).select(0, c), pt.select(0, b).select(0, c), g,
                                tau, coef);
     };
-    if (maps >= at::get_num_threads()) {
-      at::parallel_for(0, maps, 1, [&](int64_t begin, int64_t end) {
+    const int64_t threads = at::get_num_threads();
+    if (maps >= threads) {
+      // One task per thread, each taking the next map when done: on a busy machine a thread
+      // that is held up takes fewer maps. Which thread runs a map never changes its result.
+      std::atomic<int64_t> next{0};
+      at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
         const at::AutoDispatchBelowADInplaceOrView below_autograd_worker;
         Workspace ws(H, W, opts, need_grad);
-        for (int64_t m = begin; m < end; ++m) run(ws, m);
+        for (int64_t m = next++; m < maps; m = next++) run(ws, m);
       });
     } else {
       Workspace ws(H, W, opts, need_grad);

@@ -5,19 +5,19 @@
 //
 // A map is processed whole, in phases over blocks of kRows rows: the teacher's A_t, the
 // student's A_s, the spatial softmax statistics, and (need_grad) the unit gradient
-//   dA = tau (q_s - q_t) / maps,  D_i = <dA_i, A_i>,  dS = P o (dA X^T - D),
+//   dA = tau (q_s - q_t) / maps,  dP = dA X^T,  dS = P o (dP - D),  D_i = <P_i, dP_i>,
 //   d loss / d X = P^T dA + (dS + dS^T) X / sqrt(W),
 // so the autograd backward is only a scale by the upstream gradient. Only one H x H buffer per
 // map in flight: it holds S_t, then P_s, then dS in place. S = X X^T is symmetric: each row block
-// computes the strip on and right of the diagonal and mirrors it below (about 55% of a full
-// GEMM's work). The GEMMs are single-threaded BLAS calls (at::mm_out) in the accumulation type,
+// computes the strip on and right of the diagonal and mirrors it below (2/3 of a full GEMM's
+// time). The GEMMs are single-threaded BLAS calls (at::mm_out) in the accumulation type,
 // float32 (float64 for float64 inputs); the row kernels (softmaxes, spatial statistics, the
 // gradient) are vectorised, with per-ISA clones (relation_common.h).
 //
 // Parallelism: with at least as many maps as threads, whole maps per thread (the phases then run
 // inline). With fewer maps, the maps go one after the other and each phase is parallel over its
-// row blocks. Every reduction has a fixed order (row blocks in order, then maps in order): no
-// atomics, results are reproducible.
+// row blocks. Every reduction has a fixed order (row blocks in order, then maps in order), never
+// one that depends on which thread did the work: results are reproducible.
 //
 // Precision near the teacher: with d = (A_s - A_t) / tau,
 //   KL = log E_qt[e^d] - E_qt[d] = log1p(E_qt[d] + E_qt[phi(d)]) - E_qt[d],  phi(d) = e^d - 1 - d,
@@ -42,10 +42,10 @@ namespace {
 
 using rel::ceil_div;
 
-// Rows per block: single-threaded BLAS is as fast on 32-row blocks as on whole 352 x 352 maps
-// (measured on the 2-core EPYC), and thin blocks make the symmetric strips cheap. Fixed, so the
-// results never depend on the thread count.
-constexpr int64_t kRows = 32;
+// Rows per block. Single-threaded MKL on the 2-core EPYC, 352 x 352 maps, relative to one whole
+// GEMM: 64-row blocks cost 1.06 (32 rows: 1.15, 128: 1.03), and the symmetric strips 0.65 with
+// 64 rows (the fewest). Fixed, so the results never depend on the thread count.
+constexpr int64_t kRows = 64;
 
 // f(block, first row, rows) for every row block of an H-row map, parallel over blocks. Blocks are
 // taken in the order 0, n-1, 1, n-2, ...: the symmetric strips shrink with the block index, and

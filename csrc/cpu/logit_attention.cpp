@@ -44,7 +44,8 @@ using rel::ceil_div;
 
 // Rows per block. Single-threaded MKL on the 2-core EPYC, 352 x 352 maps, relative to one whole
 // GEMM: 64-row blocks cost 1.06 (32 rows: 1.15, 128: 1.03), and the symmetric strips 0.65 with
-// 64 rows (the fewest). Fixed, so the results never depend on the thread count.
+// 64 rows (the fewest). A constant, not derived from the thread count: the blocks, hence the
+// BLAS calls and the order of every sum, are the same whichever mode runs them.
 constexpr int64_t kRows = 64;
 
 // f(block, first row, rows) for every row block of an H-row map, parallel over blocks. Blocks are

@@ -168,6 +168,22 @@ def test_cpu_bitwise_reproducible():
 
 
 @pytest.mark.skipif(not HAS_CPU, reason="the CPU extension is not built")
+def test_cpu_parallel_modes_agree():
+    """Whole maps per thread (maps >= threads) and row-block phases (fewer maps than threads)
+    run the same single-threaded BLAS calls and sums: the same bits whatever the thread count."""
+    ps, pt = random_pair((3, 1, 100, 70), (3, 1, 100, 70), "cpu", seed=18)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 4):
+            torch.set_num_threads(n)
+            results.append(loss_and_grad(_fused("cpu"), ps, pt))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="the CPU extension is not built")
 @pytest.mark.parametrize("shape", [(1, 2, 5, 4), (1, 70, 3)], ids=str)
 @pytest.mark.parametrize("tau", [2.0, 0.7])
 def test_gradcheck_cpu_kernel(shape, tau):

@@ -3,36 +3,41 @@
 // Per map X (H x W, one per sample and channel): S = X X^T, P = softmax_rows(S / sqrt(W)),
 // A = P X; q = softmax over the H*W entries of A / tau; loss = tau^2 sum KL(q_t || q_s) / maps.
 //
-// A map is processed whole, in phases over blocks of kRows rows: the teacher's A_t, the
-// student's A_s, the spatial softmax statistics, and (need_grad) the unit gradient
+// A map is processed whole: the teacher's A_t, the student's P_s and A_s, the spatial softmax
+// statistics and, when the student needs a gradient, the unit gradient
 //   dA = tau (q_s - q_t) / maps,  dP = dA X^T,  dS = P o (dP - D),  D_i = <P_i, dP_i>,
 //   d loss / d X = P^T dA + (dS + dS^T) X / sqrt(W),
-// so the autograd backward is only a scale by the upstream gradient. Only one H x H buffer per
-// map in flight: it holds S_t, then P_s, then dS in place. S = X X^T is symmetric: each row block
-// computes the strip on and right of the diagonal and mirrors it below (2/3 of a full GEMM's
-// time). The GEMMs are single-threaded BLAS calls (at::mm_out) in the accumulation type,
-// float32 (float64 for float64 inputs); the row kernels (softmaxes, spatial statistics, the
-// gradient) are vectorised, with per-ISA clones (relation_common.h).
+// so the autograd backward is only a scale by the upstream gradient. Seven GEMMs per map (eager
+// autograd: eight, plus some twenty elementwise passes over B x H x H and B x H x W tensors); the
+// softmaxes, the spatial KL and its gradient are fused row loops over data still in cache, and
+// at most two H x H matrices of one map exist per thread (P_s and dP).
 //
-// Parallelism: with at least as many maps as threads, whole maps per thread (the phases then run
-// inline). With fewer maps, the maps go one after the other and each phase is parallel over its
-// row blocks. Every reduction has a fixed order (row blocks in order, then maps in order), never
-// one that depends on which thread did the work: results are reproducible.
+// GEMMs: float32 through oneDNN where torch has it (see matmul_nt), float64 through at::mm; the
+// row loops are vectorised, with per-ISA clones (relation_common.h).
+// Parallelism: with at least as many maps as threads, whole maps per thread, each single-threaded.
+// With fewer maps, the maps go one after the other and the GEMMs and row loops inside use all
+// threads. Partial sums are taken over fixed blocks of rows and added in order, then the maps in
+// order: results are reproducible (for a given thread count where the GEMMs are threaded).
 //
 // Precision near the teacher: with d = (A_s - A_t) / tau,
 //   KL = log E_qt[e^d] - E_qt[d] = log1p(E_qt[d] + E_qt[phi(d)]) - E_qt[d],  phi(d) = e^d - 1 - d,
 // whose terms are small and accurate when every |d| <= 1 (phi from its series); otherwise the
 // direct form lse_s - lse_t - E_qt[d]. The gradient likewise uses q_s - q_t = q_t expm1(d - dl),
-// dl = lse_s - lse_t, where that argument is small (see pixel_relation.cpp).
+// dl = lse_s - lse_t, where that argument is small (see pixel_relation.cpp). What remains is the
+// float32 rounding of A itself, which eager float32 has too.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <optional>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cpu/relation_common.h"
@@ -42,24 +47,19 @@ namespace {
 
 using rel::ceil_div;
 
-// Rows per block. Single-threaded MKL on the 2-core EPYC, 352 x 352 maps, relative to one whole
-// GEMM: 64-row blocks cost 1.06 (32 rows: 1.15, 128: 1.03), and the symmetric strips 0.65 with
-// 64 rows (the fewest). A constant, not derived from the thread count: the blocks, hence the
-// BLAS calls and the order of every sum, are the same whichever mode runs them.
+// Rows per block of the row loops. A constant, not derived from the thread count: the partial
+// sums per block, added in block order, never depend on it.
 constexpr int64_t kRows = 64;
 
-// f(block, first row, rows) for every row block of an H-row map, parallel over blocks. Blocks are
-// taken in the order 0, n-1, 1, n-2, ...: the symmetric strips shrink with the block index, and
-// the contiguous chunks at::parallel_for hands each thread then get about equal work.
+// f(block, first row, rows) for the row blocks of an H-row map, parallel over blocks unless
+// already inside a parallel region (whole maps per thread).
 template <typename F>
 void for_row_blocks(int64_t H, const F& f) {
-  const int64_t nb = ceil_div(H, kRows);
-  at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, ceil_div(H, kRows), 1, [&](int64_t begin, int64_t end) {
     // ATen calls on views of inputs that may require grad; OpenMP workers do not inherit the
     // entry point's guard (see rel::gram).
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t blk = t % 2 == 0 ? t / 2 : nb - 1 - t / 2;
+    for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t i0 = blk * kRows;
       f(blk, i0, std::min(kRows, H - i0));
     }
@@ -227,107 +227,85 @@ void softmax_grad(const double* as, const double* at, double* da, int64_t n, dou
 
 // ---- one map ----------------------------------------------------------------------------------
 
-// Per-task buffers, allocated once for all the maps a task processes.
-struct Workspace {
-  int64_t H, W;
-  at::Tensor p;              // S_t, then P_s, then dS (H x H)
-  at::Tensor a_s, a_t, d_a;  // A_s, A_t, dA (H x W)
-  // Allocated on first use: the input maps, when they cannot be used in place, and the
-  // gradient, when the output map cannot be written in place (H x W).
-  at::Tensor xs, xt, gx;
-
-  Workspace(int64_t H_, int64_t W_, const at::TensorOptions& opts, bool grad) : H(H_), W(W_) {
-    p = at::empty({H, H}, opts);
-    a_s = at::empty({H, W}, opts);
-    a_t = at::empty({H, W}, opts);
-    if (grad) d_a = at::empty({H, W}, opts);
-  }
-};
-
-// A BLAS-ready matrix: rows contiguous, row stride at least W.
-bool blas_ready(const at::Tensor& m) {
-  return m.stride(1) == 1 && (m.size(0) == 1 || m.stride(0) >= m.size(1));
-}
-
-// x itself when it is a BLAS-ready matrix of type T, else its values in buf.
-template <typename T>
-const at::Tensor& as_matrix(const at::Tensor& x, at::Tensor& buf) {
-  if (x.scalar_type() == c10::CppTypeToScalarType<T>::value && blas_ready(x)) return x;
-  if (!buf.defined()) buf = at::empty(x.sizes(), x.options().dtype(c10::CppTypeToScalarType<T>::value));
-  buf.copy_(x);
-  return buf;
-}
-
-// a = softmax_rows(X X^T * scale) X, leaving P in s.
-template <typename T>
-void attend(const at::Tensor& x, at::Tensor& s, at::Tensor& a, T scale) {
-  const int64_t H = x.size(0);
-  T* sd = s.data_ptr<T>();
-  for_row_blocks(H, [&](int64_t, int64_t i0, int64_t r) {
-    at::Tensor strip = s.narrow(0, i0, r).narrow(1, i0, H - i0);
-    at::mm_out(strip, x.narrow(0, i0, r), x.narrow(0, i0, H - i0).t());
-    // Mirror below the diagonal: no other block writes these entries or reads them here.
-    for (int64_t j = i0 + r; j < H; ++j)
-      for (int64_t c = 0; c < r; ++c) sd[j * H + i0 + c] = sd[(i0 + c) * H + j];
-  });
-  for_row_blocks(H, [&](int64_t, int64_t i0, int64_t r) {
-    softmax_rows(sd + i0 * H, r, H, H, scale);
-    at::Tensor out = a.narrow(0, i0, r);
-    at::mm_out(out, s.narrow(0, i0, r), x);
-  });
-}
-
-// gx = d loss / d X for dA (in ws.d_a) with P_s in ws.p, which becomes dS, then dS + dS^T.
-template <typename T>
-void attention_backward(Workspace& ws, const at::Tensor& x, at::Tensor& gx, T scale) {
-  const int64_t H = ws.H;
-  T* sd = ws.p.data_ptr<T>();
-  for_row_blocks(H, [&](int64_t, int64_t i0, int64_t r) {
-    at::Tensor out = gx.narrow(0, i0, r);
-    at::mm_out(out, ws.p.narrow(1, i0, r).t(), ws.d_a);  // (P^T dA)_I
-  });
-  // dS_I = P_I o (dP_I - D_I), dP = dA X^T, D_i = <P_i, dP_i> (the softmax backward), in place
-  // once every block has read P.
-  for_row_blocks(H, [&](int64_t, int64_t i0, int64_t r) {
-    at::Tensor dp = at::mm(ws.d_a.narrow(0, i0, r), x.t());
-    const T* dpd = dp.data_ptr<T>();
-    for (int64_t i = 0; i < r; ++i) {
-      T* p = sd + (i0 + i) * H;
-      const T* g = dpd + i * H;
-      const T di = static_cast<T>(rel::dot_acc(p, g, H));
-      for (int64_t j = 0; j < H; ++j) p[j] = p[j] * (g[j] - di);
+// x w^T, the product of a linear layer. float32 goes through oneDNN's matmul where torch has it
+// (mkldnn::_linear_pointwise, the op Inductor lowers CPU linear layers to): on the 2-core AMD EPYC
+// it runs a 352 x 352 x 352 product in 0.39 ms against 0.84 ms for MKL's sgemm behind at::mm,
+// which stays on its AVX2 path there. x must be contiguous (oneDNN's strided path is slow), w may
+// be a transposed view. float64, builds without oneDNN, and torch.backends.mkldnn.enabled = False
+// take at::mm.
+at::Tensor matmul_nt(const at::Tensor& x, const at::Tensor& w) {
+  using Linear = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            c10::string_view, c10::List<std::optional<at::Scalar>>,
+                            std::optional<c10::string_view>);
+  static const std::optional<c10::TypedOperatorHandle<Linear>> onednn =
+      []() -> std::optional<c10::TypedOperatorHandle<Linear>> {
+    const auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+    if (!op || !op->hasKernelForDispatchKey(c10::DispatchKey::CPU)) return std::nullopt;
+    try {
+      return op->typed<Linear>();
+    } catch (const c10::Error&) {  // another signature in another torch release
+      return std::nullopt;
     }
-  });
-  // dS + dS^T in place: block I owns the pairs (i, j > i), i in I, so no two blocks meet.
-  for_row_blocks(H, [&](int64_t, int64_t i0, int64_t r) {
-    for (int64_t i = i0; i < i0 + r; ++i) {
-      sd[i * H + i] *= T(2);
+  }();
+  if (onednn && x.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn())
+    return onednn->call(x, w, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(),
+                        std::nullopt);
+  return at::mm(x, w.t());
+}
+
+// x itself when it is a contiguous matrix of type T, else a contiguous copy in T.
+template <typename T>
+at::Tensor as_matrix(const at::Tensor& x) {
+  constexpr auto type = c10::CppTypeToScalarType<T>::value;
+  if (x.scalar_type() == type && x.is_contiguous()) return x;
+  return at::empty(x.sizes(), x.options().dtype(type)).copy_(x);
+}
+
+// P = softmax_rows(X X^T * scale) and A = P X.
+template <typename T>
+std::pair<at::Tensor, at::Tensor> attend(const at::Tensor& x, T scale) {
+  const int64_t H = x.size(0);
+  at::Tensor p = matmul_nt(x, x);
+  T* pd = p.data_ptr<T>();
+  for_row_blocks(H, [&](int64_t, int64_t i0, int64_t r) { softmax_rows(pd + i0 * H, r, H, H, scale); });
+  return {p, matmul_nt(p, x.t())};
+}
+
+// In one pass over the pairs i < j: m <- m + m^T (dS + dS^T) and p <- p^T, both H x H, so that
+// the last two GEMMs read contiguous rows. Row i owns the pairs (i, j > i): no two rows meet.
+// Long and short rows alternate, so the threads' contiguous ranges get about equal work.
+template <typename T>
+void symmetrize_and_transpose(T* m, T* p, int64_t H) {
+  at::parallel_for(0, H, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i = t % 2 == 0 ? t / 2 : H - 1 - t / 2;
+      m[i * H + i] *= T(2);
       for (int64_t j = i + 1; j < H; ++j) {
-        const T m = sd[i * H + j] + sd[j * H + i];
-        sd[i * H + j] = m;
-        sd[j * H + i] = m;
+        const T v = m[i * H + j] + m[j * H + i];
+        m[i * H + j] = v;
+        m[j * H + i] = v;
+        std::swap(p[i * H + j], p[j * H + i]);
       }
     }
   });
-  for_row_blocks(H, [&](int64_t, int64_t i0, int64_t r) {
-    gx.narrow(0, i0, r).addmm_(ws.p.narrow(0, i0, r), x, 1.0, static_cast<double>(scale));
-  });
 }
 
-// The map's KL term; with g_out defined, also writes d loss / d ps for this map into it.
+// The map's KL term; with g_out defined (an H x W view, any strides), also writes d loss / d ps
+// for this map into it.
 template <typename T>
-double map_kl(Workspace& ws, const at::Tensor& xs_in, const at::Tensor& xt_in,
-              at::Tensor g_out, double tau, double coef) {
-  const int64_t W = ws.W;
+double map_kl(const at::Tensor& ps_map, const at::Tensor& pt_map, const at::Tensor& g_out,
+              double tau, double coef) {
+  const int64_t H = ps_map.size(0), W = ps_map.size(1);
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(W)));
   const T inv_tau = static_cast<T>(1.0 / tau);
-  attend<T>(as_matrix<T>(xt_in, ws.xt), ws.p, ws.a_t, scale);
-  const at::Tensor& xs = as_matrix<T>(xs_in, ws.xs);
-  attend<T>(xs, ws.p, ws.a_s, scale);
-  const T* ad = ws.a_s.data_ptr<T>();
-  const T* td = ws.a_t.data_ptr<T>();
-  std::vector<BlockStats<T>> stats(ceil_div(ws.H, kRows));
-  for_row_blocks(ws.H, [&](int64_t blk, int64_t i0, int64_t r) {
+  const at::Tensor a_t = attend<T>(as_matrix<T>(pt_map), scale).second;
+  const at::Tensor xs = as_matrix<T>(ps_map);
+  at::Tensor p, a_s;
+  std::tie(p, a_s) = attend<T>(xs, scale);
+  const T* ad = a_s.data_ptr<T>();
+  const T* td = a_t.data_ptr<T>();
+  std::vector<BlockStats<T>> stats(ceil_div(H, kRows));
+  for_row_blocks(H, [&](int64_t blk, int64_t i0, int64_t r) {
     stats[blk] = block_stats(ad + i0 * W, td + i0 * W, r * W, inv_tau);
   });
   const MapKl k = combine(stats);
@@ -335,15 +313,27 @@ double map_kl(Workspace& ws, const at::Tensor& xs_in, const at::Tensor& xt_in,
 
   const T lt = static_cast<T>(k.lse_t), ls = static_cast<T>(k.lse_s);
   const T dl = static_cast<T>(k.delta), cf = static_cast<T>(coef);
-  T* dad = ws.d_a.data_ptr<T>();
-  for_row_blocks(ws.H, [&](int64_t, int64_t i0, int64_t r) {
+  const at::Tensor da = at::empty_like(a_s);
+  T* dad = da.data_ptr<T>();
+  for_row_blocks(H, [&](int64_t, int64_t i0, int64_t r) {
     softmax_grad(ad + i0 * W, td + i0 * W, dad + i0 * W, r * W, inv_tau, ls, lt, dl, cf);
   });
-  const bool direct = blas_ready(g_out);
-  if (!direct && !ws.gx.defined()) ws.gx = at::empty({ws.H, W}, g_out.options());
-  at::Tensor gx = direct ? g_out : ws.gx;
-  attention_backward<T>(ws, xs, gx, scale);
-  if (!direct) g_out.copy_(gx);
+  // dS = P o (dP - D) in place of dP; D_i = <P_i, dP_i> (the softmax backward).
+  const at::Tensor ds = matmul_nt(da, xs);
+  T* dsd = ds.data_ptr<T>();
+  T* pd = p.data_ptr<T>();
+  for_row_blocks(H, [&](int64_t, int64_t i0, int64_t r) {
+    for (int64_t i = i0; i < i0 + r; ++i) {
+      const T* pi = pd + i * H;
+      T* g = dsd + i * H;
+      const T di = static_cast<T>(rel::dot_acc(pi, g, H));
+      for (int64_t j = 0; j < H; ++j) g[j] = pi[j] * (g[j] - di);
+    }
+  });
+  symmetrize_and_transpose(dsd, pd, H);
+  // P^T dA + (dS + dS^T) X / sqrt(W)
+  at::add_out(const_cast<at::Tensor&>(g_out), matmul_nt(p, da.t()), matmul_nt(ds, xs.t()),
+              static_cast<double>(scale));
   return k.kl;
 }
 
@@ -360,20 +350,18 @@ std::tuple<at::Tensor, at::Tensor> logit_attention_cpu(const at::Tensor& ps, con
               "logit_attention: ps and pt must both be float64 or neither");
   TORCH_CHECK(ps.device().is_cpu() && pt.device().is_cpu(), "logit_attention: expects CPU tensors");
   TORCH_CHECK(tau > 0, "logit_attention: tau must be positive, got ", tau);
-  const int64_t B = ps.size(0), K = ps.size(1), H = ps.size(2), W = ps.size(3), maps = B * K;
-  const auto acc = f64 ? at::kDouble : at::kFloat;
-  const auto opts = ps.options().dtype(acc);
-  // The gradient keeps ps's memory format, so in NCHW and channels_last (K = 1) it is written
-  // straight by the GEMMs.
+  const int64_t B = ps.size(0), K = ps.size(1), maps = B * K;
+  const auto opts = ps.options().dtype(f64 ? at::kDouble : at::kFloat);
+  // In ps's memory format: NCHW maps are written in place by the last add.
   at::Tensor grad = need_grad ? at::empty_like(ps, opts) : at::empty({0}, opts);
   const double coef = tau / static_cast<double>(maps);  // d loss / d A_s = coef (q_s - q_t)
   std::vector<double> kl(maps);
-  AT_DISPATCH_FLOATING_TYPES(acc, "kdk_logit_attention", [&] {
-    auto run = [&](Workspace& ws, int64_t m) {
+  AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "kdk_logit_attention", [&] {
+    auto run = [&](int64_t m) {
       const int64_t b = m / K, c = m % K;
-      at::Tensor g = need_grad ? grad.select(0, b).select(0, c) : at::Tensor();
-      kl[m] = map_kl<scalar_t>(ws, ps.select(0, b).select(0, c), pt.select(0, b).select(0, c), g,
-                               tau, coef);
+      const at::Tensor g = need_grad ? grad.select(0, b).select(0, c) : at::Tensor();
+      kl[m] = map_kl<scalar_t>(ps.select(0, b).select(0, c), pt.select(0, b).select(0, c), g, tau,
+                               coef);
     };
     const int64_t threads = at::get_num_threads();
     if (maps >= threads) {
@@ -382,12 +370,10 @@ std::tuple<at::Tensor, at::Tensor> logit_attention_cpu(const at::Tensor& ps, con
       std::atomic<int64_t> next{0};
       at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
         const at::AutoDispatchBelowADInplaceOrView below_autograd_worker;
-        Workspace ws(H, W, opts, need_grad);
-        for (int64_t m = next++; m < maps; m = next++) run(ws, m);
+        for (int64_t m = next++; m < maps; m = next++) run(m);
       });
     } else {
-      Workspace ws(H, W, opts, need_grad);
-      for (int64_t m = 0; m < maps; ++m) run(ws, m);
+      for (int64_t m = 0; m < maps; ++m) run(m);
     }
   });
   double total = 0;

@@ -170,7 +170,7 @@ def test_cpu_bitwise_reproducible():
 @pytest.mark.skipif(not HAS_CPU, reason="the CPU extension is not built")
 def test_cpu_parallel_modes_agree():
     """Whole maps per thread (maps >= threads) and one map at a time with threaded GEMMs and row
-    loops (fewer maps than threads) agree (to the GEMMs' rounding, if they split work differently)."""
+    loops (fewer maps than threads) agree, to the GEMMs' rounding if they split work differently."""
     ps, pt = random_pair((3, 1, 100, 70), (3, 1, 100, 70), "cpu", seed=18)
     threads = torch.get_num_threads()
     try:

@@ -267,7 +267,9 @@ std::pair<at::Tensor, at::Tensor> attend(const at::Tensor& x, T scale) {
   const int64_t H = x.size(0);
   at::Tensor p = matmul_nt(x, x);
   T* pd = p.data_ptr<T>();
-  for_row_blocks(H, [&](int64_t, int64_t i0, int64_t r) { softmax_rows(pd + i0 * H, r, H, H, scale); });
+  for_row_blocks(H, [&](int64_t, int64_t i0, int64_t r) {
+    softmax_rows(pd + i0 * H, r, H, H, scale);
+  });
   return {p, matmul_nt(p, x.t())};
 }
 
@@ -293,8 +295,8 @@ void symmetrize_and_transpose(T* m, T* p, int64_t H) {
 // The map's KL term; with g_out defined (an H x W view, any strides), also writes d loss / d ps
 // for this map into it.
 template <typename T>
-double map_kl(const at::Tensor& ps_map, const at::Tensor& pt_map, const at::Tensor& g_out,
-              double tau, double coef) {
+double map_kl(const at::Tensor& ps_map, const at::Tensor& pt_map, at::Tensor g_out, double tau,
+              double coef) {
   const int64_t H = ps_map.size(0), W = ps_map.size(1);
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(W)));
   const T inv_tau = static_cast<T>(1.0 / tau);
@@ -332,8 +334,7 @@ double map_kl(const at::Tensor& ps_map, const at::Tensor& pt_map, const at::Tens
   });
   symmetrize_and_transpose(dsd, pd, H);
   // P^T dA + (dS + dS^T) X / sqrt(W)
-  at::add_out(const_cast<at::Tensor&>(g_out), matmul_nt(p, da.t()), matmul_nt(ds, xs.t()),
-              static_cast<double>(scale));
+  at::add_out(g_out, matmul_nt(p, da.t()), matmul_nt(ds, xs.t()), static_cast<double>(scale));
   return k.kl;
 }
 
@@ -359,7 +360,7 @@ std::tuple<at::Tensor, at::Tensor> logit_attention_cpu(const at::Tensor& ps, con
   AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "kdk_logit_attention", [&] {
     auto run = [&](int64_t m) {
       const int64_t b = m / K, c = m % K;
-      const at::Tensor g = need_grad ? grad.select(0, b).select(0, c) : at::Tensor();
+      at::Tensor g = need_grad ? grad.select(0, b).select(0, c) : at::Tensor();
       kl[m] = map_kl<scalar_t>(ps.select(0, b).select(0, c), pt.select(0, b).select(0, c), g, tau,
                                coef);
     };

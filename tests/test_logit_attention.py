@@ -151,6 +151,7 @@ def test_no_grad(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", TARGETS, ids=IDS)
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's numpy
 def test_non_finite_propagates(backend, device):
     ps, pt = random_pair((2, 1, 7, 9), (2, 1, 7, 9), device, seed=11)
     ps[1, 0, 2, 3] = float("nan")

@@ -53,4 +53,9 @@ TORCH_LIBRARY(kdkernels, m) {
   // unit upstream gradient (ps's dtype and layout; else an empty tensor), so the backward is a
   // scale.
   m.def("sgm(Tensor ps, Tensor pt, str distance, bool need_grad) -> (Tensor, Tensor)");
+
+  // Logit attention (KDAS): returns the loss and, when need_grad, d loss / d ps for a unit
+  // upstream gradient (ps's shape, accumulation dtype; empty otherwise): the whole backward runs
+  // with the forward, while the map's attention is in cache, and autograd only scales it.
+  m.def("logit_attention(Tensor ps, Tensor pt, float tau, bool need_grad) -> (Tensor, Tensor)");
 }

@@ -14,9 +14,12 @@ from kdkernels import _dispatch, reference
 from kdkernels import _validation as check
 from kdkernels.ops import attention_transfer as _at_ext
 from kdkernels.ops import channel_relation as _cr_ext
+from kdkernels.ops import channel_wise_kl as _cwd_ext
+from kdkernels.ops import logit_attention as _la_ext
 from kdkernels.ops import pixel_kl as _pkl_ext
 from kdkernels.ops import pixel_relation as _pr_ext
 from kdkernels.ops import sgm as _sgm_ext
+from kdkernels.ops import structure as _st_ext
 
 __all__ = [
     "attention_transfer_loss",
@@ -157,6 +160,13 @@ def sgm_loss(ps, pt, distance="mse", backend="auto"):
     return _run(op, backend, ps.device, ps, pt, distance)
 
 
+_dispatch.register("logit_attention_loss", "cpu")(_la_ext.logit_attention)
+if _dispatch.HAS_TRITON:
+    from kdkernels.triton import logit_attention as _la_triton
+
+    _dispatch.register("logit_attention_loss", "triton")(_la_triton.logit_attention)
+
+
 def logit_attention_loss(ps, pt, tau=2.0, backend="auto"):
     """KDAS attention supervision: softmax-KL between self-attended logit maps (well-posed form)."""
     op = "logit_attention_loss"
@@ -196,8 +206,6 @@ def pixel_kl_loss(zs, zt, temperature=4.0, mask=None, backend="auto"):
     return _run(op, backend, zs.device, zs, zt, temperature, mask)
 
 
-from kdkernels.ops import channel_wise_kl as _cwd_ext  # noqa: E402
-
 _dispatch.register("channel_wise_kl_loss", "cpu")(_cwd_ext.channel_wise_kl)
 if _dispatch.HAS_TRITON:
     from kdkernels.triton import channel_wise_kl as _cwd_triton
@@ -213,8 +221,6 @@ def channel_wise_kl_loss(fs, ft, tau=4.0, backend="auto"):
     check.positive(op, "tau", tau)
     return _run(op, backend, fs.device, fs, ft, tau)
 
-
-from kdkernels.ops import structure as _st_ext  # noqa: E402
 
 _dispatch.register("structure_loss", "cpu")(_st_ext.structure)
 if _dispatch.HAS_TRITON:

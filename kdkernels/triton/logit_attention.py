@@ -1,0 +1,340 @@
+"""Logit attention (KDAS attention supervision) in Triton: kernels, launcher and autograd.
+
+Per map X (H x W, one per sample and channel): A = softmax_rows(X X^T / sqrt(W)) X (self-attention
+with Q = K = V = X, sequence length H, head dim W), q = softmax over the H*W entries of A / tau,
+loss = tau^2 sum KL(q_t || q_s) / maps. No H x H matrix is ever stored. Three kernels:
+
+* _la_attend_kernel, grid (row blocks I, column chunks C of A, maps), flash-attention forward: for
+  each key block J the score tile X_I X_J^T (the head dim W stepped through BLOCK_D at a time),
+  an online row softmax, and acc += P_IJ X_J[:, C]. W (up to 448 here) is too wide for one
+  accumulator, so A's columns are split over programs and each recomputes the scores: with
+  BLOCK_DV = 128 the scores cost ceil(W / 128) times, in exchange for more programs (a KDAS batch
+  has only 16 maps). Writes A (maps, H, W) and, for the student, the row log-sum-exps.
+* _la_kl_kernel, grid (maps,): the spatial softmax-KL of one map in row tiles: maxima, then the
+  sums, then (need_grad) dA = tau (q_s - q_t) / maps and D_i = <dA_i, A_i>.
+* _la_bwd_kernel, grid (row blocks J, column chunks C, maps), flash-attention backward with
+  Q = K = V = X: program J owns rows J of d loss / d X and walks the blocks I,
+      dX_J += P_IJ^T dA_I + s (dS_IJ + dS_JI^T)^T X_I,  s = 1 / sqrt(W),
+  with P_IJ = exp(s S_IJ - lse_I), dS_IJ = P_IJ o (dA_I X_J^T - D_I), and since S is symmetric
+  P_JI^T = exp(s S_IJ - lse_J), dS_JI^T = P_JI^T o (X_I dA_J^T - D_J): three W-deep products
+  per tile, two into the accumulator; every output row has one owner (no atomics).
+The whole gradient is computed in the forward when the student needs one (need_grad), so the
+autograd backward only scales it by the upstream gradient.
+
+Near the teacher (d = (A_s - A_t) / tau small) the KL is evaluated without cancellation, as in the
+pixel-relation kernels: KL = E_qt[expm1(d) - d] + log1p(v) - v with v = E_qt[expm1(d)], and
+q_s - q_t = q_t expm1(d - (lse_s - lse_t)).
+
+Precision: float32 accumulation (float64 for float64 inputs); the score and dP tiles of float32
+data are fp32 "ieee" products (_common._DOT_PRECISION), 16-bit inputs multiply on the tensor
+cores in their own type where both factors are inputs (exact products, fp32 accumulation). Under
+TRITON_INTERPRET=1 every tl.dot is a numpy float32 matmul.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from kdkernels.triton._common import _acc_dtype, _cast_for, _define_op, _div, _mm, _pow2, _scalar
+from kdkernels.triton.pixel_relation import _expm1_minus_x, _log1p_minus_x, _softmax_diff
+
+__all__ = ["logit_attention"]
+
+# Attention tiles (BLOCK_M, BLOCK_N, BLOCK_D, max BLOCK_DV), float32 accumulation: 32 x 32 score
+# tiles over 16-wide steps of the head dim, A's columns in chunks of up to 128. float64 (FMA
+# broadcast products in _mm): small tiles. From ptxas's sm_90 reports (Triton 3.8), not from
+# timings (no GPU was available): the fp32 "ieee" dots are register-hungry; with 8 warps the
+# forward compiles without spills (185 registers) and the backward with 24 bytes (BLOCK_D = 32
+# or 4 warps spill more, BLOCK_DV = 64 would not spill but recomputes the scores twice as
+# often). Retune against benchmarks.
+_ATTEND_BLOCK = (32, 32, 16, 128)
+_ATTEND_BLOCK_FP64 = (16, 16, 8, 16)
+_ATTEND_WARPS = 8
+# The KL kernel's row tiles: BLOCK_W = W rounded up to a power of two, rows to fill this many.
+_KL_TILE = 2048
+_KL_WARPS = 8
+
+
+@triton.jit
+def _scores(base, oi, oj, mask_i, mask_j, W, sW, ACC: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] tile X_I X_J^T (unscaled) of rows at offsets oi, oj of one map."""
+    s = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    for d0 in range(0, W, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        od = d.to(tl.int64) * sW
+        mask_d = d < W
+        xi = tl.load(base + oi[:, None] + od[None, :], mask=mask_i[:, None] & mask_d[None, :],
+                     other=0.0)
+        xj = tl.load(base + od[:, None] + oj[None, :], mask=mask_d[:, None] & mask_j[None, :],
+                     other=0.0)
+        s = _mm(xi, xj, s)
+    return s
+
+
+@triton.jit
+def _la_attend_kernel(
+    x_ptr, par_ptr, a_ptr, lse_ptr,
+    K, H, W,
+    sB, sC, sH, sW,
+    STORE_LSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """A[m, I, C] = (softmax_rows(s X X^T) X)[I, C] and (STORE_LSE) lse[m, I] of s X X^T."""
+    ACC: tl.constexpr = a_ptr.dtype.element_ty
+    i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    m = tl.program_id(2).to(tl.int64)
+    base = x_ptr + (m // K) * sB + (m % K) * sC
+    scale = tl.load(par_ptr)
+    mask_i = i < H
+    mask_c = c < W
+    oi = i.to(tl.int64) * sH
+    oc = c.to(tl.int64) * sW
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
+    for j0 in range(0, H, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        mask_j = j < H
+        oj = j.to(tl.int64) * sH
+        s = _scores(base, oi, oj, mask_i, mask_j, W, sW, ACC, BLOCK_M, BLOCK_N, BLOCK_D)
+        s = tl.where(mask_j[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(base + oj[:, None] + oc[None, :], mask=mask_j[:, None] & mask_c[None, :],
+                    other=0.0)
+        acc = _mm(p, v.to(ACC), acc * alpha[:, None])
+        m_i = m_new
+    out = a_ptr + (m * H + i[:, None]) * W + c[None, :]
+    tl.store(out, _div(acc, l_i[:, None]), mask=mask_i[:, None] & mask_c[None, :])
+    if STORE_LSE:
+        if tl.program_id(1) == 0:
+            tl.store(lse_ptr + m * H + i, m_i + tl.log(l_i), mask=mask_i)
+
+
+@triton.jit
+def _la_kl_kernel(
+    as_ptr, at_ptr, par_ptr, kl_ptr, da_ptr, dd_ptr,
+    H, W,
+    NEED_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """Map m: kl[m] = KL(q_t || q_s); NEED_GRAD: dA = coef (q_s - q_t) and D = rowsum(dA o A_s)."""
+    ACC: tl.constexpr = as_ptr.dtype.element_ty
+    m = tl.program_id(0).to(tl.int64)
+    inv_tau = tl.load(par_ptr + 1)
+    w = tl.arange(0, BLOCK_W)
+    mask_w = w < W
+    base = m * H * W
+    # Pass 1: the maxima of A_s and A_t; max_j (A_j / tau) = (max_j A_j) / tau (tau > 0).
+    mx_s = tl.full([BLOCK_R, BLOCK_W], float("-inf"), ACC)
+    mx_t = tl.full([BLOCK_R, BLOCK_W], float("-inf"), ACC)
+    for r0 in range(0, H, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        mask = (r < H)[:, None] & mask_w[None, :]
+        off = base + r[:, None] * W + w[None, :]
+        mx_s = tl.maximum(mx_s, tl.load(as_ptr + off, mask=mask, other=float("-inf")))
+        mx_t = tl.maximum(mx_t, tl.load(at_ptr + off, mask=mask, other=float("-inf")))
+    ms = tl.max(tl.max(mx_s, axis=1), axis=0) * inv_tau
+    mt = tl.max(tl.max(mx_t, axis=1), axis=0) * inv_tau
+    # Pass 2: sum e_s, sum e_t and the e_t-weighted sums of d and expm1(d) - d.
+    zs = tl.zeros([BLOCK_R, BLOCK_W], dtype=ACC)
+    zt = tl.zeros([BLOCK_R, BLOCK_W], dtype=ACC)
+    sd = tl.zeros([BLOCK_R, BLOCK_W], dtype=ACC)
+    sq = tl.zeros([BLOCK_R, BLOCK_W], dtype=ACC)
+    for r0 in range(0, H, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        mask = (r < H)[:, None] & mask_w[None, :]
+        off = base + r[:, None] * W + w[None, :]
+        a = tl.load(as_ptr + off, mask=mask, other=0.0)
+        t = tl.load(at_ptr + off, mask=mask, other=0.0)
+        d = (a - t) * inv_tau  # an exact difference, then one rounding
+        e_t = tl.where(mask, tl.exp(t * inv_tau - mt), 0.0)
+        zs += tl.where(mask, tl.exp(a * inv_tau - ms), 0.0)
+        zt += e_t
+        sd += e_t * d
+        sq += e_t * _expm1_minus_x(d)
+    l_t = tl.sum(tl.sum(zt, axis=1), axis=0)
+    lse_s = ms + tl.log(tl.sum(tl.sum(zs, axis=1), axis=0))
+    lse_t = mt + tl.log(l_t)
+    mean_d = _div(tl.sum(tl.sum(sd, axis=1), axis=0), l_t)
+    mean_q = _div(tl.sum(tl.sum(sq, axis=1), axis=0), l_t)
+    # KL = lse_s - lse_t - E[d], or without cancellation E[expm1(d) - d] + log1p(v) - v with
+    # v = E[expm1(d)] (|v| < 1: always near the teacher).
+    v = mean_d + mean_q
+    near = tl.abs(v) < 1.0
+    tl.store(kl_ptr + m, tl.where(near, mean_q + _log1p_minus_x(v), lse_s - lse_t - mean_d))
+    if NEED_GRAD:
+        coef = tl.load(par_ptr + 2)
+        # lse_s - lse_t = log1p(v) rounded once near the teacher (see _softmax_diff).
+        delta = tl.where(near, _log1p_minus_x(v) + v, lse_s - lse_t)
+        lse_s = tl.where(near, lse_t + delta, lse_s)
+        for r0 in range(0, H, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = r < H
+            mask = mask_r[:, None] & mask_w[None, :]
+            off = base + r[:, None] * W + w[None, :]
+            a = tl.load(as_ptr + off, mask=mask, other=0.0)
+            t = tl.load(at_ptr + off, mask=mask, other=0.0)
+            g = coef * _softmax_diff(a * inv_tau, t * inv_tau, lse_s, lse_t, delta)
+            g = tl.where(mask, g, 0.0)
+            tl.store(da_ptr + off, g, mask=mask)
+            tl.store(dd_ptr + m * H + r, tl.sum(g * a, axis=1), mask=mask_r)
+
+
+@triton.jit
+def _la_bwd_kernel(
+    x_ptr, par_ptr, da_ptr, lse_ptr, dd_ptr, g_ptr,
+    K, H, W,
+    sB, sC, sH, sW,
+    gB, gC, gH, gW,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """g[m, J, C] = (P^T dA + s (dS + dS^T) X)[J, C] for map m (see the module docstring)."""
+    ACC: tl.constexpr = da_ptr.dtype.element_ty
+    j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    m = tl.program_id(2).to(tl.int64)
+    base = x_ptr + (m // K) * sB + (m % K) * sC
+    da_base = da_ptr + m * H * W
+    scale = tl.load(par_ptr)
+    mask_j = j < H
+    mask_c = c < W
+    oj = j.to(tl.int64) * sH
+    oc = c.to(tl.int64) * sW
+    lse_j = tl.load(lse_ptr + m * H + j, mask=mask_j, other=0.0)
+    d_j = tl.load(dd_ptr + m * H + j, mask=mask_j, other=0.0)
+    acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
+    for i0 in range(0, H, BLOCK_M):
+        i = i0 + tl.arange(0, BLOCK_M)
+        mask_i = i < H
+        oi = i.to(tl.int64) * sH
+        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        dp_ij = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)  # dA_I X_J^T
+        dp_ji = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)  # (dA_J X_I^T)^T
+        for d0 in range(0, W, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = d < W
+            od = d.to(tl.int64) * sW
+            m_id = mask_i[:, None] & mask_d[None, :]
+            m_dj = mask_d[:, None] & mask_j[None, :]
+            xi = tl.load(base + oi[:, None] + od[None, :], mask=m_id, other=0.0)
+            xj = tl.load(base + od[:, None] + oj[None, :], mask=m_dj, other=0.0)
+            dai = tl.load(da_base + i[:, None] * W + d[None, :], mask=m_id, other=0.0)
+            daj = tl.load(da_base + j[None, :] * W + d[:, None], mask=m_dj, other=0.0)
+            s = _mm(xi, xj, s)
+            dp_ij = _mm(dai, xj.to(ACC), dp_ij)
+            dp_ji = _mm(xi.to(ACC), daj, dp_ji)
+        s = s * scale
+        valid = mask_i[:, None] & mask_j[None, :]
+        lse_i = tl.load(lse_ptr + m * H + i, mask=mask_i, other=0.0)
+        d_i = tl.load(dd_ptr + m * H + i, mask=mask_i, other=0.0)
+        p_ij = tl.where(valid, tl.exp(s - lse_i[:, None]), 0.0)
+        p_ji = tl.where(valid, tl.exp(s - lse_j[None, :]), 0.0)
+        ds = p_ij * (dp_ij - d_i[:, None]) + p_ji * (dp_ji - d_j[None, :])
+        m_ic = mask_i[:, None] & mask_c[None, :]
+        dai_c = tl.load(da_base + i[:, None] * W + c[None, :], mask=m_ic, other=0.0)
+        xi_c = tl.load(base + oi[:, None] + oc[None, :], mask=m_ic, other=0.0).to(ACC)
+        acc = _mm(tl.trans(p_ij), dai_c, acc)
+        acc = _mm(tl.trans(ds * scale), xi_c, acc)
+    out = g_ptr + (m // K) * gB + (m % K) * gC + (j.to(tl.int64) * gH)[:, None] \
+        + (c.to(tl.int64) * gW)[None, :]
+    tl.store(out, _cast_for(acc, g_ptr), mask=mask_j[:, None] & mask_c[None, :])
+
+
+# --- host side ------------------------------------------------------------------------------
+
+
+def _attend_config(W: int, acc: torch.dtype) -> dict:
+    bm, bn, bd, max_dv = _ATTEND_BLOCK_FP64 if acc == torch.float64 else _ATTEND_BLOCK
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=_pow2(W, 16, max_dv))
+
+
+@_define_op("kdkernels::logit_attention_triton", mutates_args=())
+def _logit_attention_fwd(
+    ps: torch.Tensor, pt: torch.Tensor, tau: float, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, unit): unit = d loss / d ps for a unit upstream gradient when need_grad (ps's
+    shape and memory format, accumulation dtype), else empty."""
+    B, K, H, W = ps.shape
+    maps = B * K
+    acc = _acc_dtype(ps)
+    dev = ps.device
+    # scale, 1 / tau, d loss / d A_s per unit (q_s - q_t): in memory, in the accumulation type
+    # (Triton passes Python floats as float32).
+    par = torch.stack([_scalar(1.0 / math.sqrt(W), ps, acc), _scalar(1.0 / tau, ps, acc),
+                       _scalar(tau / maps, ps, acc)])
+    cfg = _attend_config(W, acc)
+    a_s = torch.empty((maps, H, W), dtype=acc, device=dev)
+    a_t = torch.empty((maps, H, W), dtype=acc, device=dev)
+    lse = torch.empty((maps, H), dtype=acc, device=dev)
+    grid = (triton.cdiv(H, cfg["BLOCK_M"]), triton.cdiv(W, cfg["BLOCK_DV"]), maps)
+    for x, a, store_lse in ((ps, a_s, need_grad), (pt, a_t, False)):
+        wrap_triton(_la_attend_kernel)[grid](
+            x, par, a, lse, K, H, W, *x.stride(),
+            STORE_LSE=store_lse, num_warps=_ATTEND_WARPS, **cfg)
+    kl = torch.empty((maps,), dtype=acc, device=dev)
+    da = torch.empty((maps, H, W), dtype=acc, device=dev) if need_grad else a_s
+    dd = torch.empty((maps, H), dtype=acc, device=dev) if need_grad else lse
+    block_w = _pow2(W, 16, 1 << 30)
+    wrap_triton(_la_kl_kernel)[(maps,)](
+        a_s, a_t, par, kl, da, dd, H, W,
+        NEED_GRAD=need_grad, BLOCK_R=max(1, _KL_TILE // block_w), BLOCK_W=block_w,
+        num_warps=_KL_WARPS)
+    # Fixed-order sum of the per-map terms, in float64.
+    loss = (kl.sum(dtype=torch.float64) * (tau * tau / maps)).to(acc)
+    if not need_grad:
+        return loss, ps.new_empty((0,), dtype=acc)
+    unit = torch.empty_like(ps, dtype=acc)
+    bgrid = (triton.cdiv(H, cfg["BLOCK_N"]), triton.cdiv(W, cfg["BLOCK_DV"]), maps)
+    wrap_triton(_la_bwd_kernel)[bgrid](
+        ps, par, da, lse, dd, unit, K, H, W, *ps.stride(), *unit.stride(),
+        num_warps=_ATTEND_WARPS, **cfg)
+    return loss, unit
+
+
+@_logit_attention_fwd.register_fake
+def _fake_fwd(ps, pt, tau, need_grad):
+    acc = _acc_dtype(ps)
+    unit = torch.empty_like(ps, dtype=acc) if need_grad else ps.new_empty((0,), dtype=acc)
+    return ps.new_empty((), dtype=acc), unit
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.dtype = inputs[0].dtype
+
+
+def _backward(ctx, grad_loss, _grad_unit):
+    (unit,) = ctx.saved_tensors
+    if unit.numel() == 0:
+        raise RuntimeError("kdkernels::logit_attention_triton was called with need_grad=False; "
+                           "call it with need_grad=True to differentiate it")
+    return (grad_loss * unit).to(ctx.dtype), None, None, None
+
+
+torch.library.register_autograd(
+    "kdkernels::logit_attention_triton", _backward, setup_context=_setup_context)
+
+
+def logit_attention(ps: torch.Tensor, pt: torch.Tensor, tau: float) -> torch.Tensor:
+    """Logit-attention loss (0-dim; float32, float64 for float64 inputs), autograd to ps.
+
+    Inputs are validated by the caller: ps and pt of one shape, (B, H, W) or (B, K, H, W), on one
+    device, any strides, each float16/bfloat16/float32, or both float64 (one float64 input
+    promotes both).
+    """
+    if (ps.dtype == torch.float64) != (pt.dtype == torch.float64):
+        ps, pt = ps.double(), pt.double()
+    if ps.dim() == 3:
+        ps, pt = ps.unsqueeze(1), pt.unsqueeze(1)
+    need_grad = ps.requires_grad and torch.is_grad_enabled()
+    return torch.ops.kdkernels.logit_attention_triton(ps, pt.detach(), float(tau), need_grad)[0]

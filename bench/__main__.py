@@ -46,6 +46,7 @@ def parse_args(argv=None):
                     help=f"instead of the cases: {sweep.OP} fwd+bwd time and memory against N")
     ap.add_argument("--ops", help="comma-separated ops (default: all with cases: "
                                   f"{', '.join(case_table.known_ops())})")
+    ap.add_argument("--cases", help="comma-separated case names to keep (e.g. acceptance_b8)")
     ap.add_argument("--device", choices=("cpu", "cuda"),
                     default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
@@ -61,6 +62,7 @@ def parse_args(argv=None):
     if args.sweep and args.ops:
         ap.error(f"--sweep always runs {sweep.OP}; leave out --ops")
     args.ops = [op.strip() for op in (args.ops or "").split(",") if op.strip()]
+    args.cases = [c.strip() for c in (args.cases or "").split(",") if c.strip()]
     unknown = sorted(set(args.ops) - set(case_table.known_ops()))
     if unknown:
         known = ", ".join(case_table.known_ops())
@@ -153,7 +155,8 @@ def main(argv=None) -> int:
         log(note)
         modes = ("full",)
     else:
-        case_list = case_table.cases(device.type, args.quick, args.ops)
+        case_list = [c for c in case_table.cases(device.type, args.quick, args.ops)
+                     if not args.cases or c.name in args.cases]
         modes = MODES
     rows, skipped, settings = bench_rows(args, device, DTYPES[args.dtype], case_list, modes)
     if args.sweep:

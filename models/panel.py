@@ -28,10 +28,10 @@ def save_panel(path, images: torch.Tensor, truth: torch.Tensor, predictions: dic
     probability maps N x S x S (one row per image) or class indices N (a grid, guesses as titles)."""
     n = len(images)
     if truth.dim() == 3:
-        rows, cols = n, 2 + len(predictions)
-    else:
-        rows, cols = math.ceil(n / CLASS_COLUMNS), min(n, CLASS_COLUMNS)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows), squeeze=False)
+        rows, cols, height = n, 2 + len(predictions), 2.5
+    else:  # room for four lines of title above each image
+        rows, cols, height = math.ceil(n / CLASS_COLUMNS), min(n, CLASS_COLUMNS), 3.4
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, height * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i in range(n):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+import kdkernels as kdk
 from models import datasets
 from models.engine import Runtime, setup_runtime, to_input, train
 from models.evaluate import evaluate
@@ -65,6 +66,23 @@ def sizes_for(args, recipe: Recipe) -> Sizes:
     return sizes
 
 
+def check_backend(name: str, recipe: Recipe, device: torch.device) -> None:
+    """A backend asked for by name must run every op of the recipe on this device: say so before
+    training rather than fail at the first distillation step."""
+    if name == "auto":
+        return
+    status = kdk.backends()[name]
+    if not status["available"]:
+        raise UsageError(f"--backend {name}: unavailable: {status['reason']}")
+    wanted = "cpu" if name == "cpu" else ("cuda" if name in ("cuda", "triton") else device.type)
+    if wanted != device.type:
+        raise UsageError(f"--backend {name}: runs on {wanted} tensors, this run is on {device.type}")
+    missing = [op for op in recipe.ops if op not in status["ops"]]
+    if missing:
+        raise UsageError(f"--backend {name}: no {name} kernel yet for {', '.join(missing)} (recipe "
+                         f"{recipe.name}); use --backend auto (fused where available) or torch")
+
+
 def count(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
@@ -109,7 +127,8 @@ def _table(metrics: dict) -> str:
                     + "".join(f"{metrics[key][k]:>9.4f}" for k in names))
     gain = "  ".join(f"{k} {metrics['student_kd'][k] - metrics['student_plain'][k]:+.4f}" for k in names)
     t = metrics["time_s"]
-    rows.append(f"KD - plain: {gain}  (lower is better for mae and hd95)")
+    lower = "  (lower is better for mae and hd95)" if "hd95" in names else ""
+    rows.append(f"KD - plain: {gain}{lower}")
     rows.append(f"time: total {t['total']:.0f} s | teacher {t['teacher_train']:.0f} s | plain student "
                 f"{t['student_plain_train']:.0f} s | KD student {t['student_kd_train']:.0f} s, of which "
                 f"teacher forward {t['teacher_forward']:.1f} s and distillation losses {t['kd_loss']:.1f} s "
@@ -122,6 +141,7 @@ def run(args: argparse.Namespace) -> dict:
     recipe = RECIPES[args.recipe]()
     sizes = sizes_for(args, recipe)
     rt = setup_runtime(args.amp, args.backend)
+    check_backend(args.backend, recipe, rt.device)
     out = Path(args.out or f"runs/{recipe.name}")
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -185,6 +205,11 @@ def run(args: argparse.Namespace) -> dict:
                    "kd_loss": kd_times.kd_loss, "kd_step": kd_times.step, "plain_step": plain_times.step,
                    "eval": eval_s},
         "kd_loss_share": kd_times.kd_loss / max(kd_times.step, 1e-9),
+        "steps_per_s": {"student_plain": plain_times.steps / max(plain_times.step, 1e-9),
+                        "student_kd": kd_times.steps / max(kd_times.step, 1e-9)},
+        # The whole run's peak on this rank's GPU (the teacher's training included); null on CPU.
+        "peak_memory_gb": (torch.cuda.max_memory_allocated(rt.device) / 2**30
+                           if rt.device.type == "cuda" else None),
         "train_loss_per_epoch": {"teacher": teacher_curve, "student_plain": plain_times.epoch_loss,
                                  "student_kd": kd_times.epoch_loss},
     }

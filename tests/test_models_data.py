@@ -102,3 +102,15 @@ def test_bad_teacher_checkpoint(tmp_path, capsys):
     junk.write_text("not a checkpoint")
     assert main(["--recipe", "ltg", "--quick", "--teacher", str(junk), "--out", str(tmp_path)]) == 2
     assert "not a ltg teacher checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--image-size", "100"], "multiple of 32"),
+    (["--backend", "cuda"], "--backend cuda"),
+])
+def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, args, expected):
+    if args[0] == "--backend" and torch.cuda.is_available():
+        pytest.skip("the CUDA backend may be available here")
+    assert main(["--recipe", "kdas", "--quick", *args, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err

@@ -27,6 +27,7 @@ class Recipe:
 
     name: str
     task: str                 # "segmentation" or "classification"
+    ops: tuple[str, ...]      # the kdkernels ops it calls
     task_weight = 1.0         # weight of the task loss while distilling
     lr = 1e-3
     default: Sizes

@@ -23,6 +23,7 @@ STAGES = (0, 1)  # decoder stages at strides 16 and 8
 class CPKD(Recipe):
     name = "cpkd"
     task = "segmentation"
+    ops = ("channel_relation_loss", "pixel_relation_loss")
     lr = 1e-3
     default = Sizes(train=320, test=80, image_size=128, batch_size=8, teacher_epochs=6,
                     student_epochs=3)

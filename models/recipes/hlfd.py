@@ -43,6 +43,7 @@ def pooled_to(x: torch.Tensor, size) -> torch.Tensor:
 class HLFD(Recipe):
     name = "hlfd"
     task = "segmentation"
+    ops = ("attention_transfer_loss", "pixel_kl_loss")
     lr = 1e-3
     default = Sizes(train=320, test=80, image_size=128, batch_size=8, teacher_epochs=6,
                     student_epochs=3)

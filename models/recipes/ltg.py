@@ -29,6 +29,7 @@ def _as_pixels(emb: torch.Tensor) -> torch.Tensor:
 class LTG(Recipe):
     name = "ltg"
     task = "classification"
+    ops = ("pixel_kl_loss", "pixel_relation_loss")
     lr = 2e-3
     default = Sizes(train=640, test=160, image_size=64, batch_size=32, teacher_epochs=8,
                     student_epochs=8)

@@ -100,11 +100,14 @@ setup(
     name="kdkernels",
     version="0.1.0",
     description="Fused Triton, CUDA and C++ kernels for knowledge-distillation losses in medical imaging",
-    packages=find_packages(include=["kdkernels", "kdkernels.*"]),
+    # models/ (reference networks and the training script, `python -m models.train`) ships beside
+    # the library; its own dependencies are the "models" extra.
+    packages=find_packages(include=["kdkernels", "kdkernels.*", "models", "models.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy"],
     extras_require={"triton": ["triton"], "test": ["pytest", "hypothesis", "pytest-benchmark"],
-                    "bench": ["matplotlib", "liger-kernel"], "torchdistill": ["torchdistill"]},
+                    "bench": ["matplotlib", "liger-kernel"], "torchdistill": ["torchdistill"],
+                    "models": ["timm", "torchmetrics", "monai", "tqdm", "pillow", "matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

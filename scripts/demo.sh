@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job: set up .venv and build, then run the benchmark (fused kernels vs eager PyTorch
-# and torch.compile) and write its record under bench/results/. Pass --quick for a short run.
+# The main job: set up .venv and build, then the reference training run (models/): a Polyp-PVT
+# teacher on PVTv2-B2, then a PVTv2-B0 student trained with and without KDAS distillation on the
+# embedded synthetic polyp set; prints and writes (runs/kdas/) their held-out metrics.
+# Extra arguments go to `python -m models.train` (e.g. --recipe hlfd, --data DIR, --quick).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-.venv/bin/python -m bench "$@"
+.venv/bin/python -m models.train "$@"

@@ -1,0 +1,67 @@
+"""What a recipe provides to the trainer (models/engine.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """A run's budget: data, resolution and epochs (students share one budget)."""
+
+    train: int           # synthetic training samples
+    test: int            # synthetic held-out samples
+    image_size: int
+    batch_size: int
+    teacher_epochs: int
+    student_epochs: int
+
+
+class Recipe:
+    """Networks and losses of one method. The trainer calls, per distillation step:
+    out = student(x); kd_in = kd_inputs(out); task_loss(out, y) and kd_loss(leaves of kd_in, ...),
+    so the distillation losses are timed, forward and backward, apart from the networks."""
+
+    name: str
+    task: str                 # "segmentation" or "classification"
+    ops: tuple[str, ...]      # the kdkernels ops it calls
+    task_weight = 1.0         # weight of the task loss while distilling
+    lr = 1e-3
+    default: Sizes
+    quick: Sizes
+
+    def teacher(self, num_classes: int) -> nn.Module:
+        raise NotImplementedError
+
+    def student(self, num_classes: int) -> nn.Module:
+        raise NotImplementedError
+
+    def kd_modules(self, teacher: nn.Module, student: nn.Module) -> nn.Module:
+        """Learnable student-side modules of the distillation loss (adapters, fusion): trained with
+        the student, not counted in its parameters (they are dropped after training)."""
+        return nn.ModuleList()
+
+    def teacher_loss(self, out, y, backend: str) -> torch.Tensor:
+        return self.task_loss(out, y, backend)
+
+    def task_loss(self, out, y, backend: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def teacher_logits(self, out) -> torch.Tensor:
+        return self.logits(out)
+
+    def logits(self, out) -> torch.Tensor:
+        """B x 1 x H x W mask logits or B x K class logits, for evaluation."""
+        raise NotImplementedError
+
+    def kd_inputs(self, out) -> list[torch.Tensor]:
+        """The student tensors the distillation loss reads."""
+        raise NotImplementedError
+
+    def kd_loss(self, student: list[torch.Tensor], teacher_out, modules: nn.Module, y,
+                backend: str) -> torch.Tensor:
+        """The weighted distillation terms, from kd_inputs' tensors (as leaves) and the teacher's output."""
+        raise NotImplementedError

@@ -1,6 +1,7 @@
 """Helpers shared by the Triton kernel modules: device functions, layout probes, op registration.
 
 Device helpers (@triton.jit): _div (round-to-nearest division), _inv_norm (1 / max(n, eps)),
+_log1p_minus_x (log(1 + v) - v without cancellation, for the near-teacher KLs),
 _cast_for (rounding conversion for a store), _pixel_offsets (element offsets of flat pixel
 indices through the H/W strides), _mm (a tile matrix product in the accumulation type, see its
 docstring for the precision per dtype), _gram_kernel (split-K Gram matrices over the pixels,
@@ -177,6 +178,27 @@ _define_op = torch.library.custom_op if _interpreted(_div) else triton_op
 _GRAM_BLOCK = (64, 64)  # (max BC, BK) for float32 accumulation
 _GRAM_BLOCK_FP64 = (32, 8)
 _GRAM_WARPS = (8, 4)  # (float32 accumulation, float64): no spills in ptxas's sm_90 reports
+@triton.jit
+def _log1p_minus_x(v):
+    """log(1 + v) - v without cancellation: its series (to v^17) for |v| < 0.1."""
+    q = v * (1.0 / 17.0) - (1.0 / 16.0)
+    q = q * v + (1.0 / 15.0)
+    q = q * v - (1.0 / 14.0)
+    q = q * v + (1.0 / 13.0)
+    q = q * v - (1.0 / 12.0)
+    q = q * v + (1.0 / 11.0)
+    q = q * v - (1.0 / 10.0)
+    q = q * v + (1.0 / 9.0)
+    q = q * v - (1.0 / 8.0)
+    q = q * v + (1.0 / 7.0)
+    q = q * v - (1.0 / 6.0)
+    q = q * v + (1.0 / 5.0)
+    q = q * v - (1.0 / 4.0)
+    q = q * v + (1.0 / 3.0)
+    q = q * v - 0.5
+    return tl.where(tl.abs(v) < 0.1, v * v * q, tl.log(1.0 + v) - v)
+
+
 # Split-K: the pixel range is cut into equal chunks so that about this many programs run; the
 # per-split partial Grams are then summed in a fixed order (deterministic, no atomics). A fixed
 # target (not the SM count) keeps the summation order, hence the bits, device-independent.

@@ -38,6 +38,7 @@ from kdkernels.triton._common import (
     _acc_dtype,
     _cast_for,
     _define_op,
+    _log1p_minus_x,
     _pixel_offsets,
     _scalar,
     _strides,
@@ -91,27 +92,6 @@ def _phi(d):
 def _phi_clamped(d):
     """_phi of d clamped to [-1, 1]: exact where |d| <= 1, finite (and unused) elsewhere."""
     return _phi(tl.minimum(tl.maximum(d, -1.0), 1.0))
-
-
-@triton.jit
-def _log1p_minus_x(v):
-    """log(1 + v) - v in float64 without cancellation: its series (to v^17) for |v| < 0.1."""
-    q = v * (1.0 / 17.0) - (1.0 / 16.0)
-    q = q * v + (1.0 / 15.0)
-    q = q * v - (1.0 / 14.0)
-    q = q * v + (1.0 / 13.0)
-    q = q * v - (1.0 / 12.0)
-    q = q * v + (1.0 / 11.0)
-    q = q * v - (1.0 / 10.0)
-    q = q * v + (1.0 / 9.0)
-    q = q * v - (1.0 / 8.0)
-    q = q * v + (1.0 / 7.0)
-    q = q * v - (1.0 / 6.0)
-    q = q * v + (1.0 / 5.0)
-    q = q * v - (1.0 / 4.0)
-    q = q * v + (1.0 / 3.0)
-    q = q * v - 0.5
-    return tl.where(tl.abs(v) < 0.1, v * v * q, tl.log(1.0 + v) - v)
 
 
 @triton.jit

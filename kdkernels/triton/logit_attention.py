@@ -40,8 +40,9 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from kdkernels.triton._common import _acc_dtype, _cast_for, _define_op, _div, _mm, _pow2, _scalar
-from kdkernels.triton.pixel_relation import _expm1_minus_x, _log1p_minus_x, _softmax_diff
+from kdkernels.triton._common import (_acc_dtype, _cast_for, _define_op, _div, _log1p_minus_x, _mm,
+                                      _pow2, _scalar)
+from kdkernels.triton.pixel_relation import _expm1_minus_x, _softmax_diff
 
 __all__ = ["logit_attention"]
 

@@ -61,6 +61,7 @@ from kdkernels.triton._common import (
     _div,
     _gram,
     _inv_norm,
+    _log1p_minus_x,
     _mm,
     _pixel_offsets,
     _pow2,
@@ -146,27 +147,6 @@ def _softmax_diff(xs, xt, lse_s, lse_t, delta):
     z = (xs - xt) - delta
     return tl.where(_use_series(z), p_t * (z + _expm1_minus_x_series(z)),
                     tl.exp(xs - lse_s) - p_t)
-
-
-@triton.jit
-def _log1p_minus_x(v):
-    """log(1 + v) - v without cancellation: its series (to v^17) for |v| < 0.1."""
-    q = v * (1.0 / 17.0) - (1.0 / 16.0)
-    q = q * v + (1.0 / 15.0)
-    q = q * v - (1.0 / 14.0)
-    q = q * v + (1.0 / 13.0)
-    q = q * v - (1.0 / 12.0)
-    q = q * v + (1.0 / 11.0)
-    q = q * v - (1.0 / 10.0)
-    q = q * v + (1.0 / 9.0)
-    q = q * v - (1.0 / 8.0)
-    q = q * v + (1.0 / 7.0)
-    q = q * v - (1.0 / 6.0)
-    q = q * v + (1.0 / 5.0)
-    q = q * v - (1.0 / 4.0)
-    q = q * v + (1.0 / 3.0)
-    q = q * v - 0.5
-    return tl.where(tl.abs(v) < 0.1, v * v * q, tl.log(1.0 + v) - v)
 
 
 @triton.jit

@@ -147,7 +147,7 @@ def _average_gradients(module: nn.Module, world: int) -> None:
 
 
 def train(net: nn.Module, recipe, split: Split, rt: Runtime, *, epochs: int, batch_size: int,
-          seed: int, desc: str, loss_fn=None, teacher: nn.Module | None = None,
+          seed: int, desc: str, lr: float, loss_fn=None, teacher: nn.Module | None = None,
           kd_modules: nn.Module | None = None) -> Times:
     """Trains `net` in place: on loss_fn(out, y, backend) alone, or, given `teacher`, on the
     recipe's task and distillation losses."""
@@ -155,7 +155,7 @@ def train(net: nn.Module, recipe, split: Split, rt: Runtime, *, epochs: int, bat
     extra = kd_modules if kd_modules is not None else nn.ModuleList()
     extra.train()
     params = list(net.parameters()) + list(extra.parameters())
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
     scheduler = _schedule(optimizer, epochs * (len(split) // batch_size))
     # Gradients as views of the all-reduce buckets: no copy, and no stride mismatch warnings for
     # depthwise weights whose size-1 dimension strides differ.

@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.teacher:
         load_teacher(args.teacher, recipe, teacher)
     else:
-        teacher_curve = train(teacher, recipe, epochs=sizes.teacher_epochs, desc="teacher",
+        teacher_curve = train(teacher, recipe, epochs=sizes.teacher_epochs, desc="teacher", lr=recipe.teacher_lr,
                               loss_fn=recipe.teacher_loss, **common).epoch_loss
     teacher_s = time.perf_counter() - t0
     teacher.eval()
@@ -174,11 +174,11 @@ def run(args: argparse.Namespace) -> dict:
     distilled = recipe.student(k).to(rt.device)
     kd_modules = recipe.kd_modules(teacher, distilled).to(rt.device)
     t0 = time.perf_counter()
-    plain_times = train(plain, recipe, epochs=sizes.student_epochs, desc="student (plain)",
+    plain_times = train(plain, recipe, epochs=sizes.student_epochs, desc="student (plain)", lr=recipe.lr,
                         loss_fn=recipe.task_loss, **common)
     plain_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    kd_times = train(distilled, recipe, epochs=sizes.student_epochs, desc="student (KD)",
+    kd_times = train(distilled, recipe, epochs=sizes.student_epochs, desc="student (KD)", lr=recipe.lr,
                      teacher=teacher, kd_modules=kd_modules, **common)
     kd_s = time.perf_counter() - t0
 
@@ -195,6 +195,7 @@ def run(args: argparse.Namespace) -> dict:
                  "image_size": sizes.image_size, "classes": list(data.classes)},
         "budget": {"teacher_epochs": 0 if args.teacher else sizes.teacher_epochs,
                    "student_epochs": sizes.student_epochs, "batch_size": sizes.batch_size,
+                   "lr": {"teacher": recipe.teacher_lr, "student": recipe.lr},
                    "student_steps": plain_times.steps},
         "backend": args.backend, "amp": args.amp, "world_size": rt.world, "seed": args.seed,
         "device": str(rt.device),

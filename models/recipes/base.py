@@ -29,7 +29,8 @@ class Recipe:
     task: str                 # "segmentation" or "classification"
     ops: tuple[str, ...]      # the kdkernels ops it calls
     task_weight = 1.0         # weight of the task loss while distilling
-    lr = 1e-3
+    lr = 1e-3                 # AdamW peak learning rate of the students
+    teacher_lr = 1e-3
     default: Sizes
     quick: Sizes
 

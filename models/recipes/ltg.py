@@ -30,7 +30,7 @@ class LTG(Recipe):
     name = "ltg"
     task = "classification"
     ops = ("pixel_kl_loss", "pixel_relation_loss")
-    lr = 2e-3
+    lr = teacher_lr = 2e-3
     default = Sizes(train=640, test=160, image_size=64, batch_size=32, teacher_epochs=8,
                     student_epochs=8)
     quick = Sizes(train=64, test=16, image_size=32, batch_size=16, teacher_epochs=1, student_epochs=1)

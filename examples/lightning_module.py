@@ -10,13 +10,11 @@ Run:  python examples/lightning_module.py [--backend auto|torch|cpu|cuda|triton]
 
 from __future__ import annotations
 
-import argparse
-
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from plain_loop import (BACKENDS, SegNet, default_device, student_loss, synthetic_polyps,
+from plain_loop import (SegNet, default_device, parse_args, student_loss, synthetic_polyps,
                         train_teacher)
 
 
@@ -66,12 +64,7 @@ def fit(backend: str = "auto", steps: int = 60, teacher_steps: int = 60, size: i
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="auto", choices=BACKENDS)
-    parser.add_argument("--steps", type=int, default=60, help="student steps")
-    parser.add_argument("--teacher-steps", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = parse_args(argv, __doc__.splitlines()[0])
     module = fit(args.backend, args.steps, args.teacher_steps, seed=args.seed)
     print(f"backend {args.backend}: final student loss "
           f"{module.trainer.callback_metrics['loss'].item():.4f}")

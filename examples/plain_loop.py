@@ -125,13 +125,18 @@ def distil(backend: str = "auto", steps: int = 60, teacher_steps: int = 60, size
     return losses
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv, description: str) -> argparse.Namespace:
+    """The command line of this example and of lightning_module.py."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--backend", default="auto", choices=BACKENDS)
     parser.add_argument("--steps", type=int, default=60, help="student steps")
     parser.add_argument("--teacher-steps", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv, __doc__.splitlines()[0])
     losses = distil(args.backend, args.steps, args.teacher_steps, seed=args.seed)
     window = max(1, len(losses) // 10)
     first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window

@@ -5,7 +5,8 @@ train mode each epoch), the student's loss is plain_loop.student_loss (structure
 attention transfer and pixel KL), and Lightning owns the loop, the optimiser steps and the device.
 
 Run:  python examples/lightning_module.py [--backend auto|torch|cpu|cuda|triton] [--steps 60]
-      (needs `pip install lightning`, the "examples" extra of setup.py)
+      (needs `pip install lightning`, in the "examples" extra of setup.py; about 6 s on 2 CPU
+      cores with the defaults)
 """
 
 from __future__ import annotations

@@ -107,6 +107,8 @@ setup(
     install_requires=["torch>=2.6", "numpy"],
     extras_require={"triton": ["triton"], "test": ["pytest", "hypothesis", "pytest-benchmark"],
                     "bench": ["matplotlib", "liger-kernel"], "torchdistill": ["torchdistill"],
+                    # examples/: plain_loop.py reads models/ (tqdm), the others add their framework.
+                    "examples": ["lightning", "torchdistill", "tqdm"],
                     "models": ["timm", "torchmetrics", "monai", "tqdm", "pillow", "matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -55,10 +55,7 @@ def summary(log: str) -> tuple[int, int]:
 
 
 def run_one(sanitizer: str, tool: str, target: str, timeout: float) -> dict:
-    cmd = [sanitizer, "--tool", tool, "--target-processes", "all", "--print-limit", "50"]
-    if tool == "racecheck":
-        cmd += ["--racecheck-report", "all"]
-    cmd += TARGETS[target]
+    cmd = [sanitizer, "--tool", tool, "--target-processes", "all", "--print-limit", "50", *TARGETS[target]]
     # One device allocation per tensor: the caching allocator would hide overruns inside its blocks.
     env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1", PYTHONUNBUFFERED="1")
     start = time.monotonic()

@@ -42,7 +42,7 @@ def _title(record: dict) -> str:
             f"commit {record['commit'][:10]}{dirty}, torch {record['torch']}, "
             f"triton {record['triton']}{', --quick' if settings.get('quick') else ''}"
             + (f"\n1-min load average {load['start'][0]:.1f} at start, {load['end'][0]:.1f} at end"
-               f" ({settings['threads']} threads)" if load else ""))
+               f", torch threads: {settings['threads']}" if load else ""))
 
 
 def _case_axes(plt, groups: list, dtypes: list, bars: int):

@@ -87,7 +87,9 @@ def speedup_plot(record: dict, path: Path) -> Path:
                 if row is None:
                     continue
                 if row["oom"] or row["speedup_vs_torch"] is None:
-                    why = "oom" if row["oom"] else "eager oom"
+                    eager = cells.get((op, case, dtype, "torch"))
+                    why = ("oom" if row["oom"] else
+                           "eager oom" if eager and eager["oom"] else "no eager time")
                     ax.text(x, 0.02, why, rotation=90, fontsize=6, ha="center", va="bottom",
                             transform=ax.get_xaxis_transform())
                 else:

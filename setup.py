@@ -1,19 +1,30 @@
 """Builds kdkernels and its extension kdkernels._C with ninja.
 
-The C++ CPU kernels are always built. The CUDA kernels are added when torch has CUDA and nvcc is
-found; KDKERNELS_FORCE_CUDA=1 builds them regardless (fails loudly if impossible),
-KDKERNELS_SKIP_CUDA=1 leaves them out. TORCH_CUDA_ARCH_LIST is honoured (default "8.0;9.0").
-Without a working C++ toolchain, KDKERNELS_SKIP_EXTENSION=1 installs the pure-Python package.
+The C++ CPU kernels are always built; a build that cannot make them stops with a message that
+names the fix (install a C++ compiler, or KDKERNELS_SKIP_EXTENSION=1 for the pure-Python package).
+The CUDA kernels are added when torch has CUDA and an nvcc of torch's CUDA major version is found:
+with another major version the CPU kernels are built alone, with a one-line warning.
+KDKERNELS_FORCE_CUDA=1 turns every reason not to build them into an error, KDKERNELS_SKIP_CUDA=1
+leaves them out quietly. TORCH_CUDA_ARCH_LIST is honoured (default "8.0;9.0").
 """
 
 import glob
+import json
 import os
+import re
+import shlex
 import shutil
+import subprocess
 import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# Written beside the built extension: the torch it was compiled against, which kdkernels checks
+# before loading it (an extension built for another torch can load and then crash at first use).
+BUILD_RECORD = "_build.json"
+SKIP_HINT = "or set KDKERNELS_SKIP_EXTENSION=1 to install only the pure-Python (eager PyTorch) backends"
 
 
 def _flag(name: str) -> bool:
@@ -34,18 +45,61 @@ def _locate_cuda_home() -> None:
             return
 
 
+def _missing_compiler() -> str:
+    """The C++ compiler the build would run but cannot find ("" when it is there): CXX, else
+    torch's default for compiling (c++) and Python's for linking."""
+    wanted = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", sysconfig.get_config_var("CXX") or "c++"]
+    for command in wanted:
+        exe = shlex.split(command)[0]
+        if not shutil.which(exe):
+            return exe
+    return ""
+
+
+def _toolkit_problem(cuda_home: str, torch_cuda: str) -> str:
+    """Why the toolkit at cuda_home cannot build for a torch built with CUDA torch_cuda ("" if
+    it can). torch itself refuses a major-version mismatch, with an error that stops the build."""
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{nvcc} does not run ({exc})"
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    if found is None:
+        return f"{nvcc} --version names no CUDA release"
+    major = torch_cuda.split(".")[0]
+    if found[1] != major:
+        return (f"{nvcc} is CUDA {found[1]}.{found[2]} but torch was built with CUDA {torch_cuda}: install a "
+                f"CUDA {major}.x toolkit and point CUDA_HOME at it to build the CUDA kernels")
+    return ""
+
+
+def _plan_cuda():
+    """(build the CUDA kernels, a note for build time: an error when KDKERNELS_FORCE_CUDA=1
+    cannot be honoured, else a warning; "" for none). No CUDA torch or no toolkit at all is the
+    ordinary CPU-machine case and stays quiet; a toolkit that cannot serve this torch is not."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if _flag("KDKERNELS_SKIP_CUDA"):
+        return False, ""
+    if torch.version.cuda is None or CUDA_HOME is None:
+        if not _flag("KDKERNELS_FORCE_CUDA"):
+            return False, ""
+        if torch.version.cuda is None:
+            return False, f"torch {torch.__version__} is a CPU-only build: install a CUDA build of torch"
+        return False, "no CUDA toolkit was found: put nvcc on the PATH or set CUDA_HOME"
+    problem = _toolkit_problem(CUDA_HOME, torch.version.cuda)
+    return not problem, problem
+
+
 def _extensions():
     if _flag("KDKERNELS_SKIP_EXTENSION"):
         return [], {}
     _locate_cuda_home()
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
-    if _flag("KDKERNELS_SKIP_CUDA"):
-        with_cuda = False
-    elif _flag("KDKERNELS_FORCE_CUDA"):
-        with_cuda = True
+    with_cuda, cuda_note = _plan_cuda()
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
     csrc = os.path.join("csrc")
@@ -73,23 +127,41 @@ def _extensions():
         extra_link_args=["-fopenmp"],
         py_limited_api=False,
     )
-    return [ext], {"build_ext": _optional_build(BuildExtension, required=with_cuda and _flag("KDKERNELS_FORCE_CUDA"))}
+    return [ext], {"build_ext": _checked_build(BuildExtension, cuda_note)}
 
 
-def _optional_build(base, required: bool):
-    """A build_ext that, unless the build was forced, warns and goes on when compiling fails,
-    so the package still installs with its pure-Python backends (kdk.backends() says why)."""
+def _checked_build(base, cuda_note: str):
+    """A build_ext that checks the toolchain before compiling and says what to do when it
+    cannot build (pip shows a failed build's output, but hides a successful one's warnings)."""
 
     class BuildExt(base):
         def run(self):
+            if cuda_note and _flag("KDKERNELS_FORCE_CUDA"):
+                raise SystemExit(f"error: KDKERNELS_FORCE_CUDA=1, but {cuda_note}")
+            if cuda_note:
+                print(f"WARNING: kdkernels: {cuda_note}; building the CPU kernels only "
+                      "(KDKERNELS_SKIP_CUDA=1 silences this)", file=sys.stderr)
+            missing = _missing_compiler()
+            if missing:
+                raise SystemExit(f"error: kdkernels: no C++ compiler: {missing!r} is not on the PATH; install "
+                                 f"one (e.g. apt install g++) or point CXX at it, {SKIP_HINT}")
             try:
                 super().run()
-            except Exception as exc:  # noqa: BLE001 - any compiler failure
-                if required:
-                    raise
-                print(f"WARNING: kdkernels._C was not built ({exc}); installing without it",
-                      file=sys.stderr)
-                self.extensions = []
+            except Exception as exc:  # noqa: BLE001 - any build failure gets the same advice
+                raise SystemExit(
+                    f"error: kdkernels: building kdkernels._C failed ({exc}; the compiler's errors are above): "
+                    f"fix them, or set KDKERNELS_SKIP_CUDA=1 to leave out the CUDA kernels, {SKIP_HINT}") from exc
+            self._record_torch()
+
+        def _record_torch(self):
+            import torch
+
+            folders = {os.path.join(self.build_lib, "kdkernels")}
+            if self.inplace:
+                folders.add(os.path.dirname(self.get_ext_fullpath("kdkernels._C")))
+            for folder in folders:
+                with open(os.path.join(folder, BUILD_RECORD), "w") as f:
+                    json.dump({"torch": torch.__version__}, f)
 
     return BuildExt.with_options(use_ninja=True)
 

@@ -8,8 +8,12 @@ and traceable by torch.compile.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import json
 import os
+import sys
+import warnings
 from typing import Callable
 
 import torch
@@ -25,14 +29,66 @@ PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 _IMPLS: dict[str, dict[str, Callable]] = {}
 
 
+REBUILD = "rebuild it against this torch: pip install --no-build-isolation -e . (in the kdkernels source)"
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _warn_caller(message: str) -> None:
+    """A RuntimeWarning attributed to the code that imported kdkernels (the first frame outside
+    this package and importlib), so it points at the user's import rather than at this file."""
+    frame = sys._getframe(1)
+    while frame.f_back is not None and (frame.f_code.co_filename.startswith(_PACKAGE)
+                                        or "importlib" in frame.f_code.co_filename):
+        frame = frame.f_back
+    warnings.warn_explicit(message, RuntimeWarning, frame.f_code.co_filename, frame.f_lineno,
+                           module=frame.f_globals.get("__name__"),
+                           registry=frame.f_globals.setdefault("__warningregistry__", {}))
+
+
+def _built_for() -> str | None:
+    """The torch version kdkernels._C was compiled against (setup.py records it), if known."""
+    try:
+        with open(os.path.join(_PACKAGE, "_build.json")) as f:
+            return json.load(f)["torch"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _load_extension() -> str:
+    """Loads kdkernels._C (which registers its ops); returns why it is not usable ("" if it is).
+
+    An extension that was never built (KDKERNELS_SKIP_EXTENSION=1, a source checkout) is a
+    choice and stays quiet. One that is there but cannot be used warns once: backend="auto"
+    then runs the eager reference, and without the warning nobody would notice. An extension
+    built for another torch is not loaded at all, since it may load and crash at first use.
+    """
+    if importlib.util.find_spec("kdkernels._C") is None:
+        return ("kdkernels was installed without its compiled extension kdkernels._C "
+                "(KDKERNELS_SKIP_EXTENSION=1, or a source checkout that was not built); build it with "
+                "a C++ compiler and ninja: pip install --no-build-isolation -e .")
+    built = _built_for()
+    # The local part (+cu130, +cpu) may differ: a CUDA build that lacks its CUDA libraries fails
+    # to load below, with a message naming them.
+    if built is not None and built.split("+")[0] != torch.__version__.split("+")[0]:
+        why = f"kdkernels._C was built for torch {built} but torch {torch.__version__} is installed; {REBUILD}"
+    else:
+        try:
+            importlib.import_module("kdkernels._C")  # registers the ops
+            return ""
+        except Exception as exc:  # noqa: BLE001 - any failure to load leaves the pure-Python backends
+            detail = " ".join(str(exc).split())
+            why = (f"the compiled extension kdkernels._C could not be loaded ({type(exc).__name__}: {detail}); "
+                   f"it was probably built for another torch or CUDA than torch {torch.__version__}: {REBUILD}")
+    _warn_caller(f"kdkernels: {why}. The cpu and cuda backends are off; backend='auto' runs the eager "
+                 "PyTorch reference.")
+    return why
+
+
 def _extension_status() -> tuple[bool, bool, str]:
     """(cpu kernels loaded, cuda kernels compiled in, why not)."""
-    try:
-        from kdkernels import _C  # noqa: F401  (loading it registers the ops)
-    except ImportError as exc:
-        return False, False, (
-            f"the compiled extension kdkernels._C could not be loaded ({exc}); reinstall with a C++ "
-            "compiler and ninja: pip install --no-build-isolation -e .")
+    why = _load_extension()
+    if why:
+        return False, False, why
     has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(
         "kdkernels::attention_transfer", "CUDA")
     return True, has_cuda, ""
@@ -54,8 +110,8 @@ def _probe() -> dict[str, dict]:
         status["cuda"] = (False, ext_reason)
     elif not cuda_built:
         status["cuda"] = (False, (
-            "kdkernels was built without its CUDA kernels (no nvcc or a CPU-only torch at build "
-            "time, or KDKERNELS_SKIP_CUDA=1); rebuild on a CUDA machine with "
+            "kdkernels was built without its CUDA kernels (no nvcc, an nvcc of another CUDA major "
+            "version than torch's, a CPU-only torch at build time, or KDKERNELS_SKIP_CUDA=1); rebuild with "
             "KDKERNELS_FORCE_CUDA=1 pip install --no-build-isolation -e ."))
     elif not gpu:
         status["cuda"] = (False, "the CUDA kernels are built but torch sees no CUDA device")

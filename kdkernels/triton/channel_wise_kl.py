@@ -159,7 +159,9 @@ def _cwd_fwd_kernel(
 @triton.jit
 def _cwd_finish_kernel(part_ptr, stats_ptr, kl_ptr, rows, splits, BLOCK: tl.constexpr):
     """Merges each row's splits in order (float64): stats = (lse_t, delta), kl = the row's KL."""
-    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    # int64 row offsets: 2 * r and split * rows pass 2^31 from 2^30 rows (B * C) on.
+    rows64 = rows.to(tl.int64)
+    r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = r < rows
     m_s = tl.full([BLOCK], float("-inf"), tl.float64)
     m_t = tl.full([BLOCK], float("-inf"), tl.float64)
@@ -169,7 +171,7 @@ def _cwd_finish_kernel(part_ptr, stats_ptr, kl_ptr, rows, splits, BLOCK: tl.cons
     p = tl.zeros([BLOCK], dtype=tl.float64)
     dmax = tl.zeros([BLOCK], dtype=tl.float64)
     for split in range(0, splits):
-        src = part_ptr + (split * rows + r.to(tl.int64)) * 7
+        src = part_ptr + (split * rows64 + r) * 7
         ms = tl.load(src + 0, mask=mask, other=0.0).to(tl.float64)
         mt = tl.load(src + 1, mask=mask, other=0.0).to(tl.float64)
         new_s = tl.maximum(m_s, ms)

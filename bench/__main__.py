@@ -1,7 +1,7 @@
 """python -m bench: time kdkernels ops against eager PyTorch and torch.compile.
 
-Prints a table and writes a JSON record to bench/results/<device-slug>-<UTC date-time>.json
-(--sweep: pixel_relation_loss against N, plus two PNG plots beside the JSON).
+Prints a table and writes a JSON record to bench/results/<device-slug>-<UTC date-time>.json and
+PNG plots beside it (bench/plots.py; --sweep: pixel_relation_loss against N).
 See bench/README.md for the columns, the bytes and flops models and how out-of-memory is decided.
 """
 
@@ -19,17 +19,9 @@ import torch
 
 import kdkernels as kdk
 from bench import cases as case_table
-from bench import harness, sweep
-from bench.runner import MODES, log, run_case
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-COLUMNS = [  # header, row key, format
-    ("op", "op", "{}"), ("case", "case", "{}"), ("backend", "backend", "{}"),
-    ("dtype", "dtype", "{}"), ("mode", "mode", "{}"), ("median ms", "median_ms", "{:.3f}"),
-    ("peak MB", "peak_mem_mb", "{:.1f}"), ("GB/s", "gbps", "{:.1f}"),
-    ("TFLOP/s", "tflops", "{:.3f}"), ("% roof", "pct_roofline", "{:.1f}"),
-    ("x torch", "speedup_vs_torch", "{:.2f}"), ("x compile", "speedup_vs_compile", "{:.2f}"),
-]
+from bench import harness, plots, sweep
+from bench.runner import MEM_BUDGET_GB, MODES, log, run_case
+from bench.tables import format_table
 
 OOM_METHOD = {
     "cpu": "a backend whose predicted peak memory (bench/cases.py: N x N matrices of the eager "
@@ -49,11 +41,13 @@ def parse_args(argv=None):
     ap.add_argument("--cases", help="comma-separated case names to keep (e.g. acceptance_b8)")
     ap.add_argument("--device", choices=("cpu", "cuda"),
                     default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    ap.add_argument("--dtype", choices=tuple(harness.DTYPES),
+                    help="run this dtype only (default: float32 and bfloat16, or float16 where "
+                         "the device has no bfloat16; --sweep: float32)")
     ap.add_argument("--repeats", type=int, default=None,
                     help="timed samples per backend and mode (default 10, 5 with --quick, "
                          "3 with --sweep)")
-    ap.add_argument("--mem-budget-gb", type=float, default=8.0,
+    ap.add_argument("--mem-budget-gb", type=float, default=MEM_BUDGET_GB,
                     help="CPU: backends predicted to need more memory than this are not run "
                          "and reported as out of memory (default %(default)s)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
@@ -73,6 +67,12 @@ def parse_args(argv=None):
         args.repeats = 3 if args.sweep else (5 if args.quick else 10)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    if args.dtype:
+        args.dtypes = [args.dtype]
+    elif args.sweep:  # a scaling study against N: one dtype keeps its minutes in check
+        args.dtypes = ["float32"]
+    else:
+        args.dtypes = harness.default_dtypes(torch.device(args.device))
     return args
 
 
@@ -94,44 +94,34 @@ def add_derived(rows: list[dict], roof: dict) -> None:
             r[f"speedup_vs_{base}"] = ref["median_ms"] / r["median_ms"] if ok else None
 
 
-def format_table(rows: list[dict]) -> str:
-    cells = [[h for h, _, _ in COLUMNS]]
-    for r in rows:
-        cells.append(["oom" if k == "median_ms" and r["oom"] else
-                      "-" if r.get(k) is None else fmt.format(r[k]) for _, k, fmt in COLUMNS])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
-    text_cols = 5  # left-aligned; the numbers are right-aligned
-    lines = ["  ".join(c.ljust(w) if i < text_cols else c.rjust(w)
-                       for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def bench_rows(args, device: torch.device, dtype: torch.dtype, case_list: list,
-               modes) -> tuple[list, list, dict]:
-    """Run every case; rows (without the derived columns), skipped backends, settings."""
+def bench_rows(args, device: torch.device, case_list: list, modes) -> tuple[list, list, dict]:
+    """Run every case in every dtype; rows (without the derived columns), skipped backends,
+    settings."""
     on_cuda = device.type == "cuda"
-    warmup = 5 if on_cuda else (1 if args.sweep else 2)  # sweep: eager calls of seconds
+    # The CPU sweep's eager calls last seconds: one warm-up call.
+    warmup = 1 if args.sweep and not on_cuda else harness.WARMUP_CALLS[device.type]
     min_sample_s = 0.002 if args.quick else (0.005 if on_cuda else 0.01)
     mem_budget = args.mem_budget_gb * 1e9
     rows, skipped = [], []
     for case in case_list:
-        log(f"{case.op} / {case.name}: {case.shapes} {case.kwargs}")
-        case_rows, case_skipped = run_case(case, device, dtype, args.repeats, warmup, min_sample_s,
-                                           modes, mem_budget)
-        work_key, work = case.work(dtype)
         shape = {k: list(v) for k, v in case.shapes.items()}
-        for r in case_rows:
-            backend, mode = r.pop("backend"), r.pop("mode")
-            rows.append({"op": case.op, "case": case.name, "backend": backend, "dtype": args.dtype,
-                         "shape": shape, "kwargs": case.kwargs, "mode": mode,
-                         work_key: work[mode], **r})
-        skipped += case_skipped
-    settings = {"quick": args.quick, "sweep": args.sweep, "dtype": args.dtype,
+        for dtype_name in args.dtypes:
+            dtype = harness.DTYPES[dtype_name]
+            log(f"{case.op} / {case.name} / {dtype_name}: {case.shapes} {case.kwargs}")
+            case_rows, case_skipped = run_case(case, device, dtype, args.repeats, warmup,
+                                               min_sample_s, modes, mem_budget)
+            work_key, work = case.work(dtype)
+            for r in case_rows:
+                backend, mode = r.pop("backend"), r.pop("mode")
+                rows.append({"op": case.op, "case": case.name, "backend": backend,
+                             "dtype": dtype_name, "shape": shape, "kwargs": case.kwargs,
+                             "mode": mode, work_key: work[mode], **r})
+            skipped += [{**s, "dtype": dtype_name} for s in case_skipped]
+    settings = {"quick": args.quick, "sweep": args.sweep, "dtypes": args.dtypes,
                 "repeats": args.repeats, "warmup": warmup, "min_sample_s": min_sample_s,
                 "threads": torch.get_num_threads(), "modes": list(modes),
                 "mem_budget_gb": args.mem_budget_gb if device.type == "cpu" else None}
@@ -143,8 +133,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     env = harness.environment(device)
     load_start = os.getloadavg()
-    log(f"kdkernels bench on {env['device']} ({args.device}, {args.dtype}, torch {env['torch']}, "
-        f"{torch.get_num_threads()} threads){' --quick' if args.quick else ''}")
+    log(f"kdkernels bench on {env['device']} ({args.device}, {', '.join(args.dtypes)}, torch "
+        f"{env['torch']}, {torch.get_num_threads()} threads){' --quick' if args.quick else ''}")
     roof = harness.roofline(device, args.quick)
     log(f"copy roofline: {roof['copy_gbps']:.1f} GB/s; float32 matmul roofline "
         f"({roof['matmul_n']}^2): {roof['matmul_tflops']:.3f} TFLOP/s"
@@ -158,7 +148,7 @@ def main(argv=None) -> int:
         case_list = [c for c in case_table.cases(device.type, args.quick, args.ops)
                      if not args.cases or c.name in args.cases]
         modes = MODES
-    rows, skipped, settings = bench_rows(args, device, DTYPES[args.dtype], case_list, modes)
+    rows, skipped, settings = bench_rows(args, device, case_list, modes)
     if args.sweep:
         for r in rows:
             r["sweep"] = True
@@ -191,10 +181,12 @@ def main(argv=None) -> int:
     stem = f"{slug(args.device + '-' + env['device'])}-{stamp}{'-quick' if args.quick else ''}"
     (args.out / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
     log(f"wrote {args.out / stem}.json")
-    if args.sweep:
-        title = f"{env['device']} ({args.device}, {args.dtype})\n{note}"
-        for path in sweep.plot(rows, args.out / stem, title):
+    try:
+        for path in plots.draw(record, args.out / stem):
             log(f"wrote {path}")
+    except ImportError as exc:  # the record is written; `python -m bench.plots` can draw it later
+        log(f"no plots: {exc} (pip install matplotlib, then python -m bench.plots "
+            f"{args.out / stem}.json)")
     return 0
 
 

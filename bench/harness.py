@@ -20,6 +20,10 @@ REPO = Path(__file__).resolve().parent.parent
 ENV_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS",
             "KDKERNELS_BACKEND", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Calls before timing: compilation, autotuning and allocator growth happen there.
+WARMUP_CALLS = {"cuda": 5, "cpu": 2}
+
 TIMING_METHOD = {
     "cpu": "time.perf_counter around `inner` back-to-back calls, divided by inner",
     "cuda": "CUDA events around `inner` back-to-back calls (synchronized before and after), "
@@ -32,6 +36,15 @@ MEMORY_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated after one step minus memory_allocated before it "
             "(peak stats reset before the step)",
 }
+
+
+def default_dtypes(device: torch.device) -> list[str]:
+    """float32 and a 16-bit type: bfloat16, or float16 on a GPU without bfloat16 arithmetic (CUDA
+    before sm_80: neither cuBLAS nor Triton has it there). The Triton interpreter has no bfloat16
+    either, but it is never benchmarked."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return ["float32", "float16"]
+    return ["float32", "bfloat16"]
 
 
 def sync(device: torch.device) -> None:

@@ -7,12 +7,16 @@ import sys
 import time
 
 import torch
+import torch._functorch.config  # not imported by `import torch`; set below
 
 import kdkernels as kdk
 from bench import harness, peers
 from bench.cases import Case
 
 MODES = ("fwd", "bwd", "full")
+# CPU: a backend predicted to need more memory than this is not run (Linux would rather kill the
+# process than fail an allocation); the machine this was written on has 24 GB.
+MEM_BUDGET_GB = 8.0
 # Devices each fused backend is benchmarked on (Triton on the CPU is the interpreter: never).
 _RUNS_ON = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}
 # The "bwd" mode runs backward repeatedly through one retained graph, which torch.compile refuses
@@ -31,25 +35,33 @@ def fused_backends(op: str, device: torch.device) -> list[str]:
             and device.type in _RUNS_ON.get(name, ())]
 
 
-def implementations(case: Case, device: torch.device) -> tuple[dict, list[dict]]:
-    """(backend label -> f(*inputs) -> loss, peers skipped). "torch" is the public API with
-    backend="torch" (the eager reference behind the same validation), "compile" the reference
-    under torch.compile; then the fused backends and the case's peers that run on `device`."""
-    public = getattr(kdk, case.op)
+def backend_labels(case: Case, device: torch.device) -> list[str]:
+    """The backends timed for `case` on `device`: "torch" (the public API with backend="torch",
+    the eager reference behind the same validation), "compile" (the reference under
+    torch.compile), the fused backends that run there and the case's peers that run there."""
+    return ["torch", "compile", *fused_backends(case.op, device),
+            *(label for label in case.peers if device.type in peers.PEERS[label][1])]
+
+
+def implementation(case: Case, label: str):
+    """f(*inputs) -> loss for one backend label; ImportError when a peer's library is missing."""
     kw = case.kwargs
-    impls = {"torch": lambda *a: public(*a, backend="torch", **kw)}
-    torch._dynamo.reset()  # compile once per case, from a clean cache
-    compiled = torch.compile(getattr(kdk.reference, case.op), dynamic=False)
-    impls["compile"] = lambda *a: compiled(*a, **kw)
-    for name in fused_backends(case.op, device):
-        impls[name] = lambda *a, _b=name: public(*a, backend=_b, **kw)
-    skipped = []
-    for label in case.peers:
-        factory, runs_on = peers.PEERS[label]
-        if device.type not in runs_on:
-            continue
+    if label == "compile":
+        torch._dynamo.reset()  # a clean cache: compiled once for this case, never from another's
+        compiled = torch.compile(getattr(kdk.reference, case.op), dynamic=False)
+        return lambda *a: compiled(*a, **kw)
+    if label in peers.PEERS:
+        return peers.PEERS[label][0](kw)
+    public = getattr(kdk, case.op)
+    return lambda *a: public(*a, backend=label, **kw)
+
+
+def implementations(case: Case, device: torch.device) -> tuple[dict, list[dict]]:
+    """(backend label -> f(*inputs) -> loss, peers skipped for a missing library)."""
+    impls, skipped = {}, []
+    for label in backend_labels(case, device):
         try:
-            impls[label] = factory(kw)
+            impls[label] = implementation(case, label)
         except ImportError as exc:
             skipped.append({"case": case.name, "backend": label, "error": str(exc)[:500]})
             log(f"  {label}: skipped ({exc})")

@@ -47,12 +47,15 @@ def _run(op: str, backend: str, device: torch.device, *args):
 
 
 def _pool_to_common(fs, ft):
-    """resize="pool": adaptive-average-pool whichever map is larger to the smaller size."""
+    """resize="pool": adaptive-average-pool whichever map is larger to the smaller size, in
+    float32 for half inputs as the reference does (a pooled map rounded to bfloat16 moves the
+    loss by ~1e-3, the fuzzer found)."""
     target = (min(fs.shape[-2], ft.shape[-2]), min(fs.shape[-1], ft.shape[-1]))
+    acc = lambda x: x if x.dtype == torch.float64 else x.float()  # noqa: E731
     if tuple(fs.shape[-2:]) != target:
-        fs = F.adaptive_avg_pool2d(fs, target)
+        fs = F.adaptive_avg_pool2d(acc(fs), target)
     if tuple(ft.shape[-2:]) != target:
-        ft = F.adaptive_avg_pool2d(ft.detach(), target)
+        ft = F.adaptive_avg_pool2d(acc(ft.detach()), target)
     return fs, ft
 
 
@@ -61,6 +64,11 @@ def _fused_at(kernel):
     def run(fs, ft, p, resize, reduction):
         if resize == "pool":
             fs, ft = _pool_to_common(fs, ft)
+        elif fs.dtype == torch.float64 and fs.shape[-2:] != ft.shape[-2:]:
+            # The kernels' bilinear weights are float32, as PyTorch's are for float32 and half
+            # inputs; for float64 PyTorch computes them in float64 (1e-8 closer), so resample
+            # float64 (a validation dtype, not a fast path) the way the reference does.
+            fs = F.interpolate(fs, size=ft.shape[-2:], mode="bilinear", align_corners=False)
         if (fs.dtype == torch.float64) != (ft.dtype == torch.float64):
             fs, ft = fs.double(), ft.double()
         return kernel(fs, ft.detach(), p, reduction)
@@ -188,7 +196,8 @@ def pixel_kl_loss(zs, zt, temperature=4.0, mask=None, backend="auto"):
     """Response KD: T^2 * mean over pixels of KL(p_t || p_s), softmax over K (sigmoid if K == 1).
 
     zs, zt: (B, K, H, W) maps or (B, K) classification logits. mask: bool, (B, H, W) or (B,),
-    True where a pixel is counted.
+    True where a pixel is counted (at least one; an all-False mask raises ValueError). Excluded
+    pixels may hold anything, NaN included.
     """
     op = "pixel_kl_loss"
     check.student_teacher(op, "zs", zs, "zt", zt, (2, 4), "logits (B, K) or (B, K, H, W)")
@@ -203,6 +212,11 @@ def pixel_kl_loss(zs, zt, temperature=4.0, mask=None, backend="auto"):
             raise ValueError(f"{op}: mask must have shape {expected} (batch and spatial sizes of "
                              f"zs {tuple(zs.shape)}), got {tuple(mask.shape)}")
         check.same_device(op, zs=zs, mask=mask)
+        # 0 / 0 otherwise. Reading the mask's any() syncs a GPU stream once per call; inside
+        # torch.compile the check is skipped (data-dependent) and such a mask gives NaN.
+        if not torch.compiler.is_compiling() and not mask.any():
+            raise ValueError(f"{op}: mask selects no pixel (all False, shape {tuple(mask.shape)}); "
+                             "it must be True for at least one pixel to average over")
     return _run(op, backend, zs.device, zs, zt, temperature, mask)
 
 

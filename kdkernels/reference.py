@@ -127,6 +127,11 @@ def logit_attention_loss(ps, pt, tau=2.0):
 def pixel_kl_loss(zs, zt, temperature=4.0, mask=None):
     zs = _acc(zs) / temperature
     zt = _acc(zt.detach()) / temperature
+    if mask is not None:
+        # An excluded pixel may hold anything (NaN padding included): zero it before the softmax,
+        # or its NaN would come back through the softmax's backward as a NaN gradient.
+        zs = torch.where(mask.unsqueeze(1), zs, 0.0)
+        zt = torch.where(mask.unsqueeze(1), zt, 0.0)
     if zs.shape[1] == 1:
         # Binary maps: Bernoulli KL between sigmoid(z_t / T) and sigmoid(z_s / T).
         log_pt, log_qt = F.logsigmoid(zt), F.logsigmoid(-zt)
@@ -140,7 +145,6 @@ def pixel_kl_loss(zs, zt, temperature=4.0, mask=None):
     # kl: B x H x W (or B for classification logits)
     if mask is None:
         return temperature**2 * kl.sum() / kl.numel()
-    # where, not a product: an excluded pixel may hold anything (NaN padding included).
     return temperature**2 * torch.where(mask, kl, 0.0).sum() / mask.sum()
 
 

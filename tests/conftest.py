@@ -9,6 +9,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 import kdkernels  # noqa: E402,F401  (imported after the switch above on purpose)
 
@@ -20,3 +21,13 @@ def pytest_report_header(config):
     status = kdkernels.backends()
     return "kdkernels backends: " + ", ".join(
         f"{name}={'yes' if s['available'] else 'no'}" for name, s in status.items())
+
+
+# Hypothesis profiles for tests/test_fuzz.py. "ci" (the default) replays the same examples every
+# run; "long" (`--hypothesis-profile long`) draws fresh ones, many more, for GPU sessions and releases.
+settings.register_profile("ci", max_examples=60, derandomize=True, database=None, deadline=None,
+                          print_blob=True, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.data_too_large])
+settings.register_profile("long", max_examples=400, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile("ci")

@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-# L2-normalisation epsilon (F.normalize's default), built exactly in the accumulation type.
+# L2-normalisation epsilon (F.normalize's default). Use it through _eps_like: a bare constexpr
+# float meets a float64 tensor as float32 1e-12 (9.9999998e-13), off by 2e-8 where eps decides.
 _EPS = tl.constexpr(1e-12)
 
 # Precision of float32 x float32 tl.dot products (the tiles of the relation kernels). "ieee" is
@@ -57,9 +58,15 @@ _INTERPRETED = tl.constexpr(_interpreted(_div))
 
 
 @triton.jit
+def _eps_like(n):
+    """eps built exactly in n's type and shape."""
+    return tl.full(n.shape, _EPS, n.dtype)
+
+
+@triton.jit
 def _inv_norm(n):
     """1 / max(n, eps): the L2-normalisation scale of a vector of norm n (n in ACC)."""
-    return _div(tl.full(n.shape, 1.0, n.dtype), tl.maximum(n, _EPS))
+    return _div(tl.full(n.shape, 1.0, n.dtype), tl.maximum(n, _eps_like(n)))
 
 
 @triton.jit

@@ -33,13 +33,13 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from kdkernels.triton._common import (
-    _EPS,
     GRAM_RAW,
     GRAM_SOFTMAX_ROWS,
     _acc_dtype,
     _cast_for,
     _define_op,
     _div,
+    _eps_like,
     _gram,
     _inv_norm,
     _mm,
@@ -155,7 +155,7 @@ def _cr_backward_kernel(
     else:
         # Below eps the norm is the constant eps: dF = dFn / eps (no projection term).
         nrm = tl.load(stats_ptr + row * 2, mask=mask_co, other=1.0)
-        dot = tl.where(nrm > _EPS, dot, 0.0)
+        dot = tl.where(nrm > _eps_like(nrm), dot, 0.0)
         gx = (acc - fn * dot[:, None]) * _inv_norm(nrm)[:, None]
     goff = _pixel_offsets(n, W, gH, gW, gN, GFLAT)
     g_out = gx_ptr + b * gB + (co.to(tl.int64) * gC)[:, None] + goff[None, :]

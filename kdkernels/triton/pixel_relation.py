@@ -53,12 +53,12 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from kdkernels.triton._common import (
-    _EPS,
     GRAM_PIXEL_NORM,
     _acc_dtype,
     _cast_for,
     _define_op,
     _div,
+    _eps_like,
     _gram,
     _inv_norm,
     _log1p_minus_x,
@@ -204,7 +204,7 @@ def _pixel_norm_backward(da, raw, nrm):
     """
     inv = _inv_norm(nrm)
     a = raw.to(da.dtype) * inv[:, None]
-    dot = tl.where(nrm > _EPS, tl.sum(a * da, axis=1), 0.0)
+    dot = tl.where(nrm > _eps_like(nrm), tl.sum(a * da, axis=1), 0.0)
     return (da - a * dot[:, None]) * inv[:, None]
 
 
@@ -270,7 +270,7 @@ def _pixel_norm_bwd_kernel(
         da = tl.load(d_base + (c * dC)[:, None] + doff, mask=mask, other=0.0)
         a = tl.load(x_base + (c * sC)[:, None] + xoff, mask=mask, other=0.0).to(ACC)
         dot += tl.sum(a * inv[None, :] * da, axis=0)
-    dot = tl.where(nrm > _EPS, dot, 0.0)
+    dot = tl.where(nrm > _eps_like(nrm), dot, 0.0)
     for c0 in range(0, C, BLOCK_C):
         c = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
         mask = (c < C)[:, None] & mask_n[None, :]
@@ -306,8 +306,8 @@ def _pr_kl_fwd_kernel(
     nrm_ti = tl.load(nt_ptr + row, mask=mask_i, other=1.0)
     sc_s = _inv_norm(nrm_i) * inv_tau
     sc_t = _inv_norm(nrm_ti) * inv_tau
-    unit_s = nrm_i > _EPS
-    unit_t = nrm_ti > _EPS
+    unit_s = nrm_i > _eps_like(nrm_i)
+    unit_t = nrm_ti > _eps_like(nrm_ti)
     a_s = _resident_block(s_base, Cs, sC, oi_s, mask_i, RES_S, BLOCK_KS)
     a_t = _resident_block(t_base, Ct, tC, oi_t, mask_i, RES_T, BLOCK_KT)
     m_s = tl.full([BLOCK_M], float("-inf"), ACC)
@@ -393,8 +393,8 @@ def _pr_kl_bwd_kernel(
     nrm_ti = tl.load(nt_ptr + row, mask=mask_i, other=1.0)
     sc_s = _inv_norm(nrm_i) * inv_tau
     sc_t = _inv_norm(nrm_ti) * inv_tau
-    unit_s = nrm_i > _EPS
-    unit_t = nrm_ti > _EPS
+    unit_s = nrm_i > _eps_like(nrm_i)
+    unit_t = nrm_ti > _eps_like(nrm_ti)
     lse_si = tl.load(lse_s_ptr + row, mask=mask_i, other=0.0)
     lse_ti = tl.load(lse_t_ptr + row, mask=mask_i, other=0.0)
     a_s = _resident_block(s_base, Cs, sC, oi_s, mask_i, RES_S, BLOCK_KS)

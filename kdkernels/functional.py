@@ -43,6 +43,13 @@ def _run(op: str, backend: str, device: torch.device, *args):
     return _dispatch.resolve(op, backend, device)(*args)
 
 
+def _has_values(t: torch.Tensor) -> bool:
+    """Whether t's values can be read now: not while torch.compile / export traces (symbolic),
+    not for meta or fake tensors (shapes only: FakeTensorMode, meta-device shape inference)."""
+    return not (torch.compiler.is_compiling() or t.device.type == "meta"
+                or torch._subclasses.fake_tensor.is_fake(t))
+
+
 # --- attention transfer -------------------------------------------------------------------
 
 
@@ -197,7 +204,9 @@ def pixel_kl_loss(zs, zt, temperature=4.0, mask=None, backend="auto"):
 
     zs, zt: (B, K, H, W) maps or (B, K) classification logits. mask: bool, (B, H, W) or (B,),
     True where a pixel is counted (at least one; an all-False mask raises ValueError). Excluded
-    pixels may hold anything, NaN included.
+    pixels may hold anything, NaN included. The emptiness check reads the mask (one host sync
+    per call on a GPU); it is skipped inside torch.compile and for meta/fake tensors, where an
+    all-False mask gives NaN (0 / 0).
     """
     op = "pixel_kl_loss"
     check.student_teacher(op, "zs", zs, "zt", zt, (2, 4), "logits (B, K) or (B, K, H, W)")
@@ -213,8 +222,9 @@ def pixel_kl_loss(zs, zt, temperature=4.0, mask=None, backend="auto"):
                              f"zs {tuple(zs.shape)}), got {tuple(mask.shape)}")
         check.same_device(op, zs=zs, mask=mask)
         # 0 / 0 otherwise. Reading the mask's any() syncs a GPU stream once per call; inside
-        # torch.compile the check is skipped (data-dependent) and such a mask gives NaN.
-        if not torch.compiler.is_compiling() and not mask.any():
+        # torch.compile the check is skipped (data-dependent) and such a mask gives NaN, and so
+        # it is for meta and fake tensors, which have no values.
+        if _has_values(mask) and not mask.any():
             raise ValueError(f"{op}: mask selects no pixel (all False, shape {tuple(mask.shape)}); "
                              "it must be True for at least one pixel to average over")
     return _run(op, backend, zs.device, zs, zt, temperature, mask)

@@ -58,11 +58,10 @@ def _pool_to_common(fs, ft):
     float32 for half inputs as the reference does (a pooled map rounded to bfloat16 moves the
     loss by ~1e-3, the fuzzer found)."""
     target = (min(fs.shape[-2], ft.shape[-2]), min(fs.shape[-1], ft.shape[-1]))
-    acc = lambda x: x if x.dtype == torch.float64 else x.float()  # noqa: E731
     if tuple(fs.shape[-2:]) != target:
-        fs = F.adaptive_avg_pool2d(acc(fs), target)
+        fs = F.adaptive_avg_pool2d(reference._acc(fs), target)
     if tuple(ft.shape[-2:]) != target:
-        ft = F.adaptive_avg_pool2d(acc(ft.detach()), target)
+        ft = F.adaptive_avg_pool2d(reference._acc(ft.detach()), target)
     return fs, ft
 
 
@@ -221,9 +220,7 @@ def pixel_kl_loss(zs, zt, temperature=4.0, mask=None, backend="auto"):
             raise ValueError(f"{op}: mask must have shape {expected} (batch and spatial sizes of "
                              f"zs {tuple(zs.shape)}), got {tuple(mask.shape)}")
         check.same_device(op, zs=zs, mask=mask)
-        # 0 / 0 otherwise. Reading the mask's any() syncs a GPU stream once per call; inside
-        # torch.compile the check is skipped (data-dependent) and such a mask gives NaN, and so
-        # it is for meta and fake tensors, which have no values.
+        # 0 / 0 otherwise (see the docstring for the sync and where the check is skipped).
         if _has_values(mask) and not mask.any():
             raise ValueError(f"{op}: mask selects no pixel (all False, shape {tuple(mask.shape)}); "
                              "it must be True for at least one pixel to average over")

@@ -143,9 +143,8 @@ def pixel_kl_loss(zs, zt, temperature=4.0, mask=None):
         log_ps = torch.log_softmax(zs, dim=1)
         kl = (log_pt.exp() * (log_pt - log_ps)).sum(1)
     # kl: B x H x W (or B for classification logits)
-    if mask is None:
-        return temperature**2 * kl.sum() / kl.numel()
-    return temperature**2 * torch.where(mask, kl, 0.0).sum() / mask.sum()
+    # Excluded pixels were zeroed on both sides above: their KL is exactly 0.
+    return temperature**2 * kl.sum() / (kl.numel() if mask is None else mask.sum())
 
 
 def channel_wise_kl_loss(fs, ft, tau=4.0):

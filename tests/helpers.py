@@ -38,6 +38,22 @@ def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def all_backends(op: str) -> list[tuple[str, str]]:
+    """(backend, device) for every backend that runs `op` here, the torch reference included."""
+    return [(b, d) for d in devices() for b in ["torch"] + fused_backends(op, d)]
+
+
+def op_inputs(op: str, s_shape, t_shape, device, seed=0):
+    """N(0, 1) student and teacher for `op`; structure_loss's second argument is a {0, 1} mask."""
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(s_shape, generator=g)
+    if op == "structure_loss":
+        target = (torch.rand(t_shape, generator=g) > 0.5).float()
+    else:
+        target = torch.randn(t_shape, generator=g)
+    return student.to(device), target.to(device)
+
+
 def assert_close_rel(actual, expected, rtol, what=""):
     """max |actual - expected| <= rtol * max |expected| (scale-aware, fails on any real bug)."""
     actual = actual.double()

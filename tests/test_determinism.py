@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import kdkernels as kdk
-from helpers import devices, fused_backends
+from helpers import all_backends, fused_backends, loss_and_grad, op_inputs
 
 INTERPRETED = not torch.cuda.is_available()
 
@@ -59,27 +59,12 @@ IDS = [f"{op}-{'-'.join(kw.values()) or 'default'}-{'x'.join(map(str, big[0]))}"
        for op, kw, big, _ in CASES]
 
 
-def _targets(op):
-    return [(b, d) for d in devices() for b in ["torch"] + fused_backends(op, d)]
-
-
 def _shapes(big, small, backend):
     return small if backend == "triton" and INTERPRETED else big
 
 
-def _inputs(op, s_shape, t_shape, device):
-    g = torch.Generator().manual_seed(11)
-    fs = torch.randn(s_shape, generator=g)
-    ft = (torch.rand(t_shape, generator=g) > 0.5).float() if op == "structure_loss" \
-        else torch.randn(t_shape, generator=g)
-    return fs.to(device), ft.to(device)
-
-
 def _run(op, backend, fs, ft, kw):
-    x = fs.detach().clone().requires_grad_(True)
-    loss = getattr(kdk, op)(x, ft, backend=backend, **kw)
-    loss.backward()
-    return loss.detach(), x.grad
+    return loss_and_grad(getattr(kdk, op), fs, ft, backend=backend, **kw)
 
 
 @pytest.fixture
@@ -105,9 +90,9 @@ def test_bitwise_identical_runs(op, kw, big, small, deterministic):
     bits as with the mode off (the fused kernels do not depend on it; the mode also fills
     uninitialised memory with NaN, which would show if a kernel read a buffer it did not
     write)."""
-    for backend, device in _targets(op):
+    for backend, device in all_backends(op):
         s_shape, t_shape = _shapes(big, small, backend)
-        fs, ft = _inputs(op, s_shape, t_shape, device)
+        fs, ft = op_inputs(op, s_shape, t_shape, device, seed=11)
         what = f"{backend}-{device}"
         if _raises_in_deterministic_mode(op, kw, backend, device, s_shape, t_shape):
             with pytest.raises(RuntimeError, match="deterministic"):
@@ -139,7 +124,7 @@ def test_cpu_kernels_independent_of_thread_count(op, kw, big, small):
     thread count; docs/README.md says so.)"""
     if "cpu" not in fused_backends(op, "cpu"):
         pytest.skip("built without the C++ extension")
-    fs, ft = _inputs(op, *big, "cpu")
+    fs, ft = op_inputs(op, *big, "cpu", seed=11)
     threads = torch.get_num_threads()
     try:
         results = []

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import kdkernels as kdk
-from helpers import assert_close_rel, devices, fused_backends, loss_and_grad
+from helpers import (all_backends, assert_close_rel, devices, fused_backends, loss_and_grad,
+                     op_inputs)
 
 NAN, INF = float("nan"), float("inf")
 
@@ -40,20 +41,6 @@ CASES = [
 ]
 IDS = [f"{op}-{'-'.join(map(str, kw.values())) or 'default'}-{'x'.join(map(str, s))}"
        for op, kw, s, _ in CASES]
-
-
-def _targets(op):
-    return [(b, d) for d in devices() for b in ["torch"] + fused_backends(op, d)]
-
-
-def _inputs(op, s_shape, t_shape, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    student = torch.randn(s_shape, generator=g)
-    if op == "structure_loss":
-        teacher = (torch.rand(t_shape, generator=g) > 0.5).float()
-    else:
-        teacher = torch.randn(t_shape, generator=g)
-    return student.to(device), teacher.to(device)
 
 
 def _poison(x, value, index=17):
@@ -133,8 +120,8 @@ def test_non_finite_propagates(op, kw, s_shape, t_shape, where, value):
     fn = getattr(kdk, op)
     expected = _expected_loss(op, kw, s_shape, where, value)
     ref = None
-    for backend, device in _targets(op):
-        fs, ft = _inputs(op, s_shape, t_shape, device)
+    for backend, device in all_backends(op):
+        fs, ft = op_inputs(op, s_shape, t_shape, device)
         if where == "student":
             fs = _poison(fs, value)
         else:
@@ -162,7 +149,7 @@ def test_non_finite_propagates(op, kw, s_shape, t_shape, where, value):
 def test_nan_in_excluded_pixel_is_ignored(device):
     """pixel_kl's mask excludes a pixel entirely: NaN there changes nothing. The loss equals the
     reference on the same input with that pixel zeroed, and the pixel's gradient is 0."""
-    zs, zt = _inputs("pixel_kl_loss", (2, 3, 5, 6), (2, 3, 5, 6), device)
+    zs, zt = op_inputs("pixel_kl_loss", (2, 3, 5, 6), (2, 3, 5, 6), device)
     mask = torch.ones(2, 5, 6, dtype=torch.bool, device=device)
     mask[1, 2, 3] = False
     zs[1, :, 2, 3] = 0
@@ -280,14 +267,14 @@ def test_all_zero_features(op, kw, s_shape, t_shape, zero):
     """All-zero inputs: finite loss and gradient on every backend, equal to the reference and to
     the closed form (_zero_expected). structure_loss: "teacher" is the mask."""
     fn = getattr(kdk, op)
-    fs0, ft0 = _inputs(op, s_shape, t_shape, "cpu", seed=1)
+    fs0, ft0 = op_inputs(op, s_shape, t_shape, "cpu", seed=1)
     fs = torch.zeros_like(fs0) if zero in ("student", "both") else fs0
     ft = torch.zeros_like(ft0) if zero in ("teacher", "both") else ft0
     ref, ref_grad = loss_and_grad(getattr(kdk.reference, op), fs.double(), ft.double(), **kw)
     expected = _zero_expected(op, kw, fs.double(), ft.double(), zero)
     assert ref.item() == pytest.approx(expected, rel=1e-12, abs=1e-15), "reference vs closed form"
     eager, _ = loss_and_grad(getattr(kdk.reference, op), fs, ft, **kw)
-    for backend, device in _targets(op):
+    for backend, device in all_backends(op):
         loss, grad = loss_and_grad(fn, fs.to(device), ft.to(device), backend=backend, **kw)
         what = f"{backend}-{device}"
         assert torch.isfinite(loss) and torch.isfinite(grad).all(), what
@@ -299,7 +286,7 @@ def test_all_zero_features(op, kw, s_shape, t_shape, zero):
 
 def test_all_false_mask_inside_compile_is_nan():
     """The emptiness check needs the mask's values: torch.compile skips it (documented)."""
-    zs, zt = _inputs("pixel_kl_loss", (2, 3, 4, 4), (2, 3, 4, 4), "cpu")
+    zs, zt = op_inputs("pixel_kl_loss", (2, 3, 4, 4), (2, 3, 4, 4), "cpu")
     mask = torch.zeros(2, 4, 4, dtype=torch.bool)
     compiled = torch.compile(lambda a, b, m: kdk.pixel_kl_loss(a, b, mask=m, backend="torch"),
                              backend="eager", fullgraph=True)

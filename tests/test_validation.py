@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kdkernels as kdk
+from helpers import all_backends, assert_close_rel, loss_and_grad
 
 F4 = (2, 3, 6, 6)
 
@@ -145,12 +146,7 @@ def test_b1_works_everywhere():
 
 # --- pixel_kl_loss: a mask must select at least one pixel ------------------------------------
 
-def _pkl_targets():
-    from helpers import devices, fused_backends
-    return [(b, d) for d in devices() for b in ["torch"] + fused_backends("pixel_kl_loss", d)]
-
-
-PKL_TARGETS = _pkl_targets()
+PKL_TARGETS = all_backends("pixel_kl_loss")
 PKL_IDS = [f"{b}-{d}" for b, d in PKL_TARGETS]
 # (B, K, H, W) maps with a (B, H, W) mask, binary maps, (B, K) logits with a (B,) mask.
 PKL_SHAPES = [(2, 3, 5, 4), (3, 1, 4, 4), (4, 7), (3, 1)]
@@ -171,7 +167,6 @@ def test_pixel_kl_all_false_mask_raises(backend, device, shape):
 def test_pixel_kl_single_counted_pixel(backend, device, shape):
     """One True pixel is enough: the reference (float64) with that mask, which is the unmasked
     loss of that pixel alone."""
-    from helpers import assert_close_rel, loss_and_grad
     zs, zt = _t(*shape, device=device), _t(*shape, device=device)
     mask = torch.zeros((shape[0],) + shape[2:], dtype=torch.bool, device=device)
     mask.view(-1)[mask.numel() // 2] = True

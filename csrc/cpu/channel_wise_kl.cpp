@@ -8,9 +8,12 @@
 // - lane path (some input has its channels innermost, channels_last): a task owns up to 64
 //   channels of a sample and walks the pixels in order, each chunk gathered pixel by pixel into
 //   blocks of 16 channels, and the loops vectorise across the channels (one lane per row).
-// It returns per row (lse_t, delta = lse_s - lse_t), and the backward recomputes
+// It returns per row (m_t, log z_t, m_s, log z_s, delta = lse_s - lse_t), with m the row maximum
+// of F / tau and z = sum e^(F / tau - m), and the backward recomputes
 //   d loss / d fs = g tau / (B C) (p_s - p_t)
-// from fs, ft and those two numbers in one more pass. Saving the unit gradient in the forward
+// from fs, ft and those numbers in one more pass. The maximum and the log-sum stay apart because
+// their sum, lse, rounded to float has an absolute error of ~|F / tau| 6e-8: at logits of 1e6 that
+// moves every p by ~10%, while F / tau - m is exact for the pixels that carry the probability. Saving the unit gradient in the forward
 // instead would move as many bytes for float32 (its write and read replace the backward's
 // re-read of fs and ft) and more for 16-bit inputs (it must be float32, or a fp16 unit gradient
 // underflows before AMP's loss scale multiplies it), and hold a full-size tensor.
@@ -20,7 +23,8 @@
 //   KL = log E_pt[e^d] - E_pt[d] = E_pt[phi(d)] + (log1p(u) - u),  u = E_pt[e^d - 1],
 // a sum of non-negative O(d^2) terms plus a double-precision correction. It is used when every
 // |d| <= 1 in the row; other rows (far from the teacher) use lse_s - lse_t - E_pt[d]. The
-// backward likewise takes p_s - p_t = p_t expm1(x), x = d - delta, by the series where |x| <= 1.
+// backward likewise takes p_s - p_t = p_t expm1(x), x = d - delta, by the series where
+// |x|, |d| <= 1.
 //
 // Per-element work is in float (float64 for float64 inputs), in vectorised partial sums per
 // chunk that are folded into double per row. Each row is reduced by one task in a fixed
@@ -277,21 +281,27 @@ void update(LaneAcc<double>& s, const double* xs, const double* xt, int64_t n, d
   lanes_update<double>(s, xs, xt, n, inv_tau);
 }
 
-// The row's KL; stats = (lse_t, delta = lse_s - lse_t).
+// Numbers kept per row for the backward: kStats of them, in this order.
+enum Stat { kMt, kLogZt, kMs, kLogZs, kDelta, kStats };
+
+// The row's KL; stats[kMt .. kDelta] as above.
 template <typename T>
 double row_finish(const RowAcc<T>& s, T* stats) {
-  const double lt = static_cast<double>(s.mt) + std::log(s.zt);
+  const double log_zt = std::log(s.zt), log_zs = std::log(s.zs);
   double delta, kl;
   if (s.dmax <= T(1)) {
     const double u = (s.a + s.p) / s.zt;
     delta = std::log1p(u);
     kl = s.p / s.zt + (delta - u);
   } else {
-    delta = static_cast<double>(s.ms) + std::log(s.zs) - lt;
+    delta = (static_cast<double>(s.ms) - static_cast<double>(s.mt)) + (log_zs - log_zt);
     kl = delta - s.a / s.zt;
   }
-  stats[0] = static_cast<T>(lt);
-  stats[1] = static_cast<T>(delta);
+  stats[kMt] = s.mt;
+  stats[kLogZt] = static_cast<T>(log_zt);
+  stats[kMs] = s.ms;
+  stats[kLogZs] = static_cast<T>(log_zs);
+  stats[kDelta] = static_cast<T>(delta);
   return kl;
 }
 
@@ -328,7 +338,8 @@ void forward(const Src& s, const Src& t, double tau, T* stats, double* row_kl) {
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = b * C + c0 + r;
-        row_kl[i] = row_finish(pl.lanes ? lane[r / kLanes].row(r % kLanes) : row, stats + 2 * i);
+        const RowAcc<T> acc = pl.lanes ? lane[r / kLanes].row(r % kLanes) : row;
+        row_kl[i] = row_finish(acc, stats + kStats * i);
       }
     }
   });
@@ -353,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor> channel_wise_kl_cpu(const at::Tensor& fs, con
   check_inputs("channel_wise_kl", fs, ft, tau);
   const int64_t B = fs.size(0), C = fs.size(1);
   const auto acc = acc_type(fs);
-  at::Tensor stats = at::empty({B, C, 2}, fs.options().dtype(acc));
+  at::Tensor stats = at::empty({B, C, kStats}, fs.options().dtype(acc));
   std::vector<double> row_kl(B * C);
   AT_DISPATCH_FLOATING_TYPES(acc, "kdk_cwd_fwd", [&] {
     forward<scalar_t>(src(fs), src(ft), tau, stats.data_ptr<scalar_t>(), row_kl.data());
@@ -366,56 +377,74 @@ std::tuple<at::Tensor, at::Tensor> channel_wise_kl_cpu(const at::Tensor& fs, con
 
 // ---- backward ------------------------------------------------------------------------------
 
-// p_s - p_t of one element from the row's lse_t (lt) and delta (dl).
+// Row statistics as the backward reads them: stat j of lane l at st[j * kStatStride + l] (the row
+// path uses lane 0), so the lane loops load each statistic as one vector.
+constexpr int64_t kStatStride = kMaxGroup * kLanes;
+
+// One row's statistics, copied out of st so that the compiler sees they cannot alias the
+// output.
 template <typename T>
-KDK_ALWAYS_INLINE T prob_diff(T xs, T xt, T inv_tau, T lt, T dl) {
-  const T pt = rel::exp_acc(xt * inv_tau - lt);
-  const T x = (xs - xt) * inv_tau - dl;  // log(p_s / p_t)
+struct RowStats {
+  T mt, lzt, ms, lzs, dl;
+  RowStats(const T* st, int64_t l)
+      : mt(st[kMt * kStatStride + l]), lzt(st[kLogZt * kStatStride + l]),
+        ms(st[kMs * kStatStride + l]), lzs(st[kLogZs * kStatStride + l]),
+        dl(st[kDelta * kStatStride + l]) {}
+};
+
+// p_s - p_t of one element.
+template <typename T>
+KDK_ALWAYS_INLINE T prob_diff(T xs, T xt, T inv_tau, T mt, T lzt, T ms, T lzs, T dl) {
+  const T pt = rel::exp_acc((xt * inv_tau - mt) - lzt);
+  const T d = (xs - xt) * inv_tau;
+  const T x = d - dl;  // log(p_s / p_t)
   const T near = pt * (x + rel::phi_small(rel::clamp_unit(x)));  // p_t expm1(x)
-  const T far = rel::exp_acc(xs * inv_tau - lt - dl) - pt;
-  return rel::select(std::abs(x) <= T(1), near, far);
+  const T far = rel::exp_acc((xs * inv_tau - ms) - lzs) - pt;
+  // x carries the rounding of d and delta, ~|d| 6e-8 absolute: only small |d| make it precise.
+  return rel::select(std::max(std::abs(x), std::abs(d)) <= T(1), near, far);
 }
 
-// Row path: out[i] = k (p_s - p_t) for n pixels of a row with stats (lse_t, delta) = (lt, dl).
+// Row path: out[i] = k (p_s - p_t) for n pixels of a row.
 template <typename T>
-KDK_ALWAYS_INLINE void row_grad(T* out, const T* xs, const T* xt, int64_t n, T lt, T dl,
+KDK_ALWAYS_INLINE void row_grad(T* out, const T* xs, const T* xt, int64_t n, const T* st,
                                 T inv_tau, T k) {
-  for (int64_t i = 0; i < n; ++i) out[i] = k * prob_diff(xs[i], xt[i], inv_tau, lt, dl);
+  const RowStats<T> r(st, 0);
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = k * prob_diff(xs[i], xt[i], inv_tau, r.mt, r.lzt, r.ms, r.lzs, r.dl);
 }
 
-// Lane path: out[i * kLanes + l], the lanes' stats in lt[l], dl[l].
+// Lane path: out[i * kLanes + l].
 template <typename T>
-KDK_ALWAYS_INLINE void lanes_grad(T* out, const T* xs, const T* xt, int64_t n, const T* lt,
-                                  const T* dl, T inv_tau, T k) {
+KDK_ALWAYS_INLINE void lanes_grad(T* out, const T* xs, const T* xt, int64_t n, const T* st,
+                                  T inv_tau, T k) {
+  T mt[kLanes], lzt[kLanes], ms[kLanes], lzs[kLanes], dl[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) {
+    const RowStats<T> r(st, l);
+    mt[l] = r.mt, lzt[l] = r.lzt, ms[l] = r.ms, lzs[l] = r.lzs, dl[l] = r.dl;
+  }
   for (int64_t i = 0; i < n; ++i)
     for (int64_t l = 0; l < kLanes; ++l)
-      out[i * kLanes + l] =
-          k * prob_diff(xs[i * kLanes + l], xt[i * kLanes + l], inv_tau, lt[l], dl[l]);
+      out[i * kLanes + l] = k * prob_diff(xs[i * kLanes + l], xt[i * kLanes + l], inv_tau, mt[l],
+                                          lzt[l], ms[l], lzs[l], dl[l]);
 }
 
-KDK_ROW_CLONES void row_grad_f32(float* out, const float* xs, const float* xt, int64_t n, float lt,
-                                 float dl, float inv_tau, float k) {
-  row_grad<float>(out, xs, xt, n, lt, dl, inv_tau, k);
+KDK_ROW_CLONES void row_grad_f32(float* out, const float* xs, const float* xt, int64_t n,
+                                 const float* st, float inv_tau, float k) {
+  row_grad<float>(out, xs, xt, n, st, inv_tau, k);
 }
 KDK_ROW_CLONES void lanes_grad_f32(float* out, const float* xs, const float* xt, int64_t n,
-                                   const float* lt, const float* dl, float inv_tau, float k) {
-  lanes_grad<float>(out, xs, xt, n, lt, dl, inv_tau, k);
+                                   const float* st, float inv_tau, float k) {
+  lanes_grad<float>(out, xs, xt, n, st, inv_tau, k);
 }
-void grad(float* out, const float* xs, const float* xt, int64_t n, float lt, float dl,
+void grad(bool lanes, float* out, const float* xs, const float* xt, int64_t n, const float* st,
           float inv_tau, float k) {
-  row_grad_f32(out, xs, xt, n, lt, dl, inv_tau, k);
+  lanes ? lanes_grad_f32(out, xs, xt, n, st, inv_tau, k)
+        : row_grad_f32(out, xs, xt, n, st, inv_tau, k);
 }
-void grad(float* out, const float* xs, const float* xt, int64_t n, const float* lt,
-          const float* dl, float inv_tau, float k) {
-  lanes_grad_f32(out, xs, xt, n, lt, dl, inv_tau, k);
-}
-void grad(double* out, const double* xs, const double* xt, int64_t n, double lt, double dl,
-          double inv_tau, double k) {
-  row_grad<double>(out, xs, xt, n, lt, dl, inv_tau, k);
-}
-void grad(double* out, const double* xs, const double* xt, int64_t n, const double* lt,
-          const double* dl, double inv_tau, double k) {
-  lanes_grad<double>(out, xs, xt, n, lt, dl, inv_tau, k);
+void grad(bool lanes, double* out, const double* xs, const double* xt, int64_t n,
+          const double* st, double inv_tau, double k) {
+  lanes ? lanes_grad<double>(out, xs, xt, n, st, inv_tau, k)
+        : row_grad<double>(out, xs, xt, n, st, inv_tau, k);
 }
 
 // Writes a chunk into gx (its dtype and strides): rows c0 .. c0 + rows, pixels n0 .. n0 + len,
@@ -458,33 +487,30 @@ void backward(const Src& s, const Src& t, const at::Tensor& gx, const T* stats, 
     T* bt = bs + kBlock;
     T* out = bt + kBlock;
     int64_t off_s[kChunk], off_t[kChunk], off_g[kChunk];
-    T lt[kMaxGroup * kLanes], dl[kMaxGroup * kLanes];
+    T st[kStats * kStatStride];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / pl.tasks_per_sample, c0 = (task % pl.tasks_per_sample) * pl.rows;
       const int64_t rows = std::min(pl.rows, C - c0);
-      const T* st = stats + 2 * (b * C + c0);
-      for (int64_t r = 0; r < kMaxGroup * kLanes; ++r) {  // lanes past the rows: any finite values
-        lt[r] = r < rows ? st[2 * r] : T(0);
-        dl[r] = r < rows ? st[2 * r + 1] : T(0);
-      }
+      const T* row_stats = stats + kStats * (b * C + c0);
+      for (int64_t r = 0; r < kStatStride; ++r)  // lanes past the rows: any finite values
+        for (int64_t j = 0; j < kStats; ++j)
+          st[j * kStatStride + r] = r < rows ? row_stats[kStats * r + j] : T(0);
       for (int64_t n0 = 0; n0 < N; n0 += pl.chunk) {
         const int64_t len = std::min(pl.chunk, N - n0);
         if (!s.flat) rel::pixel_offsets(s.v, n0, len, off_s);
         if (!t.flat) rel::pixel_offsets(t.v, n0, len, off_t);
         if (!g.flat) rel::pixel_offsets(g.v, n0, len, off_g);
         if (!pl.lanes) {
-          grad(out, gather_row(s, b, c0, n0, len, off_s, bs),
-               gather_row(t, b, c0, n0, len, off_t, bt), len, lt[0], dl[0], inv_tau, kk);
+          grad(false, out, gather_row(s, b, c0, n0, len, off_s, bs),
+               gather_row(t, b, c0, n0, len, off_t, bt), len, st, inv_tau, kk);
           scatter(g, gx.data_ptr(), false, b, c0, 1, n0, len, off_g, out);
           continue;
         }
         gather_lanes(s, b, c0, rows, n0, len, off_s, bs);
         gather_lanes(t, b, c0, rows, n0, len, off_t, bt);
-        for (int64_t k = 0; k * kLanes < rows; ++k) {
-          const int64_t r0 = k * kLanes;
-          grad(out + k * kLaneBlock, bs + k * kLaneBlock, bt + k * kLaneBlock, len, lt + r0,
-               dl + r0, inv_tau, kk);
-        }
+        for (int64_t k = 0; k * kLanes < rows; ++k)
+          grad(true, out + k * kLaneBlock, bs + k * kLaneBlock, bt + k * kLaneBlock, len,
+               st + k * kLanes, inv_tau, kk);
         scatter(g, gx.data_ptr(), true, b, c0, rows, n0, len, off_g, out);
       }
     }
@@ -497,8 +523,9 @@ at::Tensor channel_wise_kl_backward_cpu(const at::Tensor& grad, const at::Tensor
   check_inputs("channel_wise_kl_backward", fs, ft, tau);
   const int64_t B = fs.size(0), C = fs.size(1);
   const auto acc = acc_type(fs);
-  TORCH_CHECK(stats.scalar_type() == acc && stats.is_contiguous() && stats.numel() == 2 * B * C,
-              "channel_wise_kl_backward: stats must be a contiguous (B, C, 2) tensor of the "
+  TORCH_CHECK(stats.scalar_type() == acc && stats.is_contiguous() &&
+                  stats.numel() == kStats * B * C,
+              "channel_wise_kl_backward: stats must be a contiguous (B, C, 5) tensor of the "
               "accumulation dtype");
   const double k = grad.item<double>() * tau / static_cast<double>(B * C);
   at::Tensor gx = at::empty_like(fs);

@@ -1,7 +1,8 @@
 """Channel-wise KL (CWD) on the compiled extension (CPU C++ kernels).
 
-kdkernels::channel_wise_kl returns (loss, stats): stats (B, C, 2) holds per (b, c) row lse_t and
-delta = lse_s - lse_t of the spatial softmaxes, from which kdkernels::channel_wise_kl_backward
+kdkernels::channel_wise_kl returns (loss, stats): stats (B, C, STATS) holds per (b, c) row the
+maxima and log-sums of the spatial softmaxes and delta = lse_s - lse_t, from which
+kdkernels::channel_wise_kl_backward
 recomputes p_s - p_t in one pass over fs and ft (see csrc/cpu/channel_wise_kl.cpp for why the
 forward does not save a full-size unit gradient instead).
 """
@@ -13,13 +14,17 @@ import torch
 from kdkernels import _dispatch
 
 
+# (m_t, log z_t, m_s, log z_s, delta) per row: csrc/cpu/channel_wise_kl.cpp says why lse is split.
+STATS = 5
+
+
 def acc_dtype(fs: torch.Tensor) -> torch.dtype:
     return torch.float64 if fs.dtype == torch.float64 else torch.float32
 
 
 def _fake_forward(fs, ft, tau):
     acc = acc_dtype(fs)
-    return fs.new_empty((), dtype=acc), fs.new_empty((fs.shape[0], fs.shape[1], 2), dtype=acc)
+    return fs.new_empty((), dtype=acc), fs.new_empty((fs.shape[0], fs.shape[1], STATS), dtype=acc)
 
 
 def _fake_backward(grad, fs, ft, stats, tau):

@@ -10,7 +10,9 @@ loss = tau^2 / (B C) * sum_rows KL(p_t || p_s). Same math and saved statistics a
   e_t d, e_t phi(d) and max |d|, reduced over the lanes at the end into a (split, B, C, 7)
   buffer (m_s, m_t, sum e_s, sum e_t, sum e_t d, sum e_t phi(d), max |d|). One read of fs, ft.
 * finish, grid (row blocks,): merges the splits of each row in split order, in float64, into
-  stats (B, C, 2) = (lse_t, delta = lse_s - lse_t) and the row's KL; the loss is the
+  stats (B, C, 5) = (m_t, log z_t, m_s, log z_s, delta = lse_s - lse_t) and the row's KL (the
+  maximum and log-sum kept apart as on the CPU: lse = m + log z rounded to float32 would move
+  every p by ~|F / tau| 6e-8); the loss is the
   fixed-order float64 sum of the rows. Splitting N keeps the GPU busy when B * C is small or
   the channels are innermost (channels_last packs BLOCK_C rows into one program) without
   atomics: the splits depend only on shape, layout and dtype, so the bits are reproducible.
@@ -158,8 +160,8 @@ def _cwd_fwd_kernel(
 
 @triton.jit
 def _cwd_finish_kernel(part_ptr, stats_ptr, kl_ptr, rows, splits, BLOCK: tl.constexpr):
-    """Merges each row's splits in order (float64): stats = (lse_t, delta), kl = the row's KL."""
-    # int64 row offsets: 2 * r and split * rows pass 2^31 from 2^30 rows (B * C) on.
+    """Merges each row's splits in order (float64) into the row's stats and KL."""
+    # int64 row offsets: 5 * r and split * rows pass 2^31 from 2^29 rows (B * C) on.
     rows64 = rows.to(tl.int64)
     r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = r < rows
@@ -187,15 +189,20 @@ def _cwd_finish_kernel(part_ptr, stats_ptr, kl_ptr, rows, splits, BLOCK: tl.cons
         dmax = tl.maximum(dmax, tl.load(src + 6, mask=mask, other=0.0).to(tl.float64))
         m_s = new_s
         m_t = new_t
-    lse_t = m_t + tl.log(z_t)
+    log_zt = tl.log(z_t)
+    log_zs = tl.log(z_s)
     # Near the teacher (every |d| <= 1): KL = E[phi(d)] + (log1p(u) - u), u = E[e^d - 1].
     near = dmax <= 1.0
     u = tl.where(near, (a + p) / z_t, 0.0)  # (far rows: u < -1 is possible and unused)
     l1m = _log1p_minus_x(u)
-    delta = tl.where(near, l1m + u, m_s + tl.log(z_s) - lse_t)
+    delta = tl.where(near, l1m + u, (m_s - m_t) + (log_zs - log_zt))
     kl = tl.where(near, p / z_t + l1m, delta - a / z_t)
-    tl.store(stats_ptr + 2 * r, _cast_for(lse_t, stats_ptr), mask=mask)
-    tl.store(stats_ptr + 2 * r + 1, _cast_for(delta, stats_ptr), mask=mask)
+    row = stats_ptr + 5 * r
+    tl.store(row + 0, _cast_for(m_t, stats_ptr), mask=mask)
+    tl.store(row + 1, _cast_for(log_zt, stats_ptr), mask=mask)
+    tl.store(row + 2, _cast_for(m_s, stats_ptr), mask=mask)
+    tl.store(row + 3, _cast_for(log_zs, stats_ptr), mask=mask)
+    tl.store(row + 4, _cast_for(delta, stats_ptr), mask=mask)
     tl.store(kl_ptr + r, kl, mask=mask)
 
 
@@ -209,7 +216,7 @@ def _cwd_bwd_kernel(
     SFLAT: tl.constexpr, TFLAT: tl.constexpr, GFLAT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """gx = coef (p_s - p_t); p_s - p_t = p_t expm1(x), x = d - delta, by the series if |x| <= 1."""
+    """gx = coef (p_s - p_t): p_t expm1(x), x = d - delta, by the series if |x|, |d| <= 1."""
     ACC: tl.constexpr = stats_ptr.dtype.element_ty
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -218,18 +225,23 @@ def _cwd_bwd_kernel(
     mask = mask_c[:, None] & (n < N)[None, :]
     coff = c.to(tl.int64)
     inv_tau = tl.load(inv_tau_ptr)
-    row = stats_ptr + (b * C + coff) * 2
-    lse_t = tl.load(row, mask=mask_c, other=0.0)[:, None]
-    delta = tl.load(row + 1, mask=mask_c, other=0.0)[:, None]
+    row = stats_ptr + (b * C + coff) * 5
+    m_t = tl.load(row + 0, mask=mask_c, other=0.0)[:, None]
+    log_zt = tl.load(row + 1, mask=mask_c, other=0.0)[:, None]
+    m_s = tl.load(row + 2, mask=mask_c, other=0.0)[:, None]
+    log_zs = tl.load(row + 3, mask=mask_c, other=0.0)[:, None]
+    delta = tl.load(row + 4, mask=mask_c, other=0.0)[:, None]
     s_off = (coff * sC)[:, None] + _pixel_offsets(n, W, sH, sW, sN, SFLAT)[None, :]
     t_off = (coff * tC)[:, None] + _pixel_offsets(n, W, tH, tW, tN, TFLAT)[None, :]
     xs = tl.load(s_ptr + b * sB + s_off, mask=mask, other=0.0).to(ACC)
     xt = tl.load(t_ptr + b * tB + t_off, mask=mask, other=0.0).to(ACC)
-    p_t = tl.exp(xt * inv_tau - lse_t)
-    x = (xs - xt) * inv_tau - delta  # log(p_s / p_t)
+    p_t = tl.exp((xt * inv_tau - m_t) - log_zt)
+    d = (xs - xt) * inv_tau
+    x = d - delta  # log(p_s / p_t)
     near = p_t * (x + _phi_clamped(x))
-    far = tl.exp(xs * inv_tau - lse_t - delta) - p_t
-    gx = tl.load(coef_ptr) * tl.where(tl.abs(x) <= 1.0, near, far)
+    far = tl.exp((xs * inv_tau - m_s) - log_zs) - p_t
+    # x carries the rounding of d and delta, ~|d| 6e-8 absolute: only small |d| make it precise.
+    gx = tl.load(coef_ptr) * tl.where(tl.maximum(tl.abs(x), tl.abs(d)) <= 1.0, near, far)
     out = gx_ptr + b * gB + (coff * gC)[:, None] + _pixel_offsets(n, W, gH, gW, gN, GFLAT)[None, :]
     tl.store(out, _cast_for(gx, gx_ptr), mask=mask)
 
@@ -246,7 +258,7 @@ def _channels_inner(*xs: torch.Tensor) -> bool:
 def _channel_wise_kl_fwd(
     fs: torch.Tensor, ft: torch.Tensor, tau: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, stats (B, C, 2) = per row (lse_t, lse_s - lse_t)) in the accumulation dtype."""
+    """(loss, stats (B, C, 5): see the finish kernel) in the accumulation dtype."""
     B, C, H, W = fs.shape
     N = H * W
     acc = _acc_dtype(fs)
@@ -265,7 +277,7 @@ def _channel_wise_kl_fwd(
         tB, tC, tH, tW, tN,
         SFLAT=sflat, TFLAT=tflat, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=warps,
     )
-    stats = torch.empty((B, C, 2), dtype=acc, device=fs.device)
+    stats = torch.empty((B, C, 5), dtype=acc, device=fs.device)
     kl = torch.empty((B * C,), dtype=torch.float64, device=fs.device)
     wrap_triton(_cwd_finish_kernel)[(triton.cdiv(B * C, _FINISH_BLOCK),)](
         part, stats, kl, B * C, splits, BLOCK=_FINISH_BLOCK, num_warps=4,
@@ -302,7 +314,7 @@ def _channel_wise_kl_bwd(
 @_channel_wise_kl_fwd.register_fake
 def _fake_fwd(fs, ft, tau):
     acc = _acc_dtype(fs)
-    return fs.new_empty((), dtype=acc), fs.new_empty((fs.shape[0], fs.shape[1], 2), dtype=acc)
+    return fs.new_empty((), dtype=acc), fs.new_empty((fs.shape[0], fs.shape[1], 5), dtype=acc)
 
 
 @_channel_wise_kl_bwd.register_fake

@@ -17,9 +17,9 @@ distance="kl", the flagship (ops kdkernels::pixel_relation_kl_triton[_backward])
   cancels catastrophically (each part is O(|d|), the result O(d^2)). With v = sum_j p_t expm1(d)
   (so lse_s - lse_t = log1p(v)) it equals sum_j p_t (expm1(d) - d) + (log1p(v) - v): a sum of
   non-negative terms plus a smaller correction, both evaluated by series for small arguments,
-  accurate to the rounding of the tiles themselves. That form is used when |v| < 1 (always the
-  case near the teacher), the contract's bracket otherwise (e.g. if exp(d) overflowed). There
-  lse_s is also stored as lse_t + log1p(v) (see the backward).
+  accurate to the rounding of the tiles themselves. That form is used where every |d| <= 1 in
+  the row (near the teacher), the contract's bracket otherwise. There lse_s is also stored as
+  lse_t + log1p(v) (see the backward).
 * Tiles: X = (raw dot) * scale_i * scale_j with the scales 1 / (max(n, eps) tau) in float64 (the
   pixel norms are accumulated in float64): one rounding per tile entry instead of one per
   factor; and the diagonal of a unit pixel is exactly 1 / tau. Both matter near the teacher.
@@ -316,6 +316,7 @@ def _pr_kl_fwd_kernel(
     l_t = tl.zeros([BLOCK_M], dtype=ACC)
     w = tl.zeros([BLOCK_M], dtype=ACC)  # sum e_t d
     q = tl.zeros([BLOCK_M], dtype=ACC)  # sum e_t (exp(d) - 1 - d)
+    dmax = tl.zeros([BLOCK_M], dtype=ACC)  # max |d|
     for j0 in range(0, N, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         mask_j = j < N
@@ -344,6 +345,7 @@ def _pr_kl_fwd_kernel(
         l_t = l_t * alpha + tl.sum(e_t, axis=1)
         w = w * alpha + tl.sum(e_t * d, axis=1)
         q = q * alpha + tl.sum(e_t * _expm1_minus_x(d), axis=1)
+        dmax = tl.maximum(dmax, tl.max(tl.abs(d), axis=1))
         m_t = m_new
     lse_s = m_s + tl.log(l_s)
     lse_t = m_t + tl.log(l_t)
@@ -352,7 +354,9 @@ def _pr_kl_fwd_kernel(
     # The same, without cancellation: E[expm1(d) - d] + log1p(v) - v with v = E[expm1(d)].
     v = _div(q + w, l_t)
     compensated = _div(q, l_t) + _log1p_minus_x(v)
-    near = tl.abs(v) < 1.0
+    # Only where every |d| <= 1: v = (w + q) / l_t carries ~max |d| eps of rounding, more than
+    # 1 + v itself when the student is far below the teacher's mass (|v| < 1 does not bound it).
+    near = dmax <= 1.0
     term = tl.where(near, compensated, plain)
     # Near the teacher store lse_s as lse_t + log1p(v): the same value to rounding, but then
     # lse_s - lse_t (exact in floating point for close values) is log1p(v) rounded once, which

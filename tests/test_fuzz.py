@@ -18,6 +18,8 @@ drawn per test: `--hypothesis-show-statistics`.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, note, settings
@@ -120,6 +122,22 @@ def _sign_tie(op, case_: Case) -> bool:
     return bool(((e_s - e_t).abs() <= 1e-3 * e_s.abs().max()).any())
 
 
+def _flash_d_allowance(op, backend, case_: Case) -> float:
+    """The Triton logit_attention backward takes flash attention's D_i = <dA_i, A_i> for the
+    softmax backward's <P_i, dP_i> (no H x H matrix): equal, but summed differently, so
+    dS = P o (dP - D) keeps ~eps |dA_i| |X|^2 s of rounding even where P_i is one-hot and the
+    eager (and CPU) dS is exactly 0. Through (dS + dS^T) X s, summed over a map's rows
+    (||dA||_1 <= 2 tau / maps): at most ~4 eps tau s max|X|^2 / maps per entry. Nonzero only
+    where logits are large enough to saturate the attention rows (X X^T s >> 1)."""
+    if op != "logit_attention_loss" or backend != "triton":
+        return 0.0
+    x = case_.student
+    maps = x.shape[0] * (x.shape[1] if x.dim() == 4 else 1)
+    eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
+    tau = case_.kwargs["tau"]
+    return 4 * eps * tau * float(x.double().abs().max()) ** 2 / (math.sqrt(x.shape[-1]) * maps)
+
+
 def _check(op, backend, device, case_: Case):
     case_ = _on(case_, device)
     loss, grad, teacher_grad = _loss_and_grads(getattr(kdk, op), case_.student, case_.teacher,
@@ -154,7 +172,8 @@ def _check(op, backend, device, case_: Case):
         eager_loss, eager_grad, _ = _loss_and_grads(getattr(kdk.reference, op), case_.student,
                                                     case_.teacher, **case_.kwargs)
         bound = bound + 4 * (eager_loss.double() - ref_loss).abs()
-        grad_bound = grad_bound + 4 * (eager_grad.double() - ref_grad).abs().max()
+        grad_bound = grad_bound + 4 * (eager_grad.double() - ref_grad).abs().max() + \
+            _flash_d_allowance(op, backend, case_)
 
     err = (loss.double() - ref_loss).abs()
     note(f"loss {loss.item():.9g} vs float64 {ref_loss.item():.9g} (far {far_loss.item():.3g})")

@@ -41,16 +41,16 @@ def test_channel_wise_kl_huge_float32_logits(device, channels_last):
     row's lse = max + log-sum in float32, off by up to ~0.06 at that size, which moved p by ~6%
     (108% gradient error where p_t = 1/2). They now keep the maximum and the log-sum apart."""
     g = torch.Generator().manual_seed(3)
-    fs = torch.randn(13, 61, 1, 2, generator=g) * 1e6
+    fs = torch.randn(3, 29, 1, 2, generator=g) * 1e6
     ft = fs.clone()
     ft[:, :, 0, 1] = ft[:, :, 0, 0]  # ties: p_t = 1/2 exactly where the rounding shows most
-    ft[:, ::2] += torch.randn(13, 31, 1, 2, generator=g)  # every other row near the student
+    ft[:, ::2] += torch.randn(3, 15, 1, 2, generator=g)  # every other row near the student
     if channels_last:  # the CPU kernel's lane path
         fs, ft = (x.contiguous(memory_format=torch.channels_last) for x in (fs, ft))
     ref_loss, ref_grad = loss_and_grad(kdk.channel_wise_kl_loss, fs.double(), ft.double(),
                                        tau=0.5, backend="torch")
     # grad = tau / (B C) (p_s - p_t): the ties give |p_s - p_t| = 1/2 (p_s is one-hot)
-    assert ref_grad.abs().max() * (13 * 61) / 0.5 > 0.4
+    assert ref_grad.abs().max() * (3 * 29) / 0.5 > 0.4
     for backend in fused_backends("channel_wise_kl_loss", device):
         loss, grad = loss_and_grad(kdk.channel_wise_kl_loss, fs.to(device), ft.to(device),
                                    tau=0.5, backend=backend)

@@ -12,11 +12,12 @@
 // of F / tau and z = sum e^(F / tau - m), and the backward recomputes
 //   d loss / d fs = g tau / (B C) (p_s - p_t)
 // from fs, ft and those numbers in one more pass. The maximum and the log-sum stay apart because
-// their sum, lse, rounded to float has an absolute error of ~|F / tau| 6e-8: at logits of 1e6 that
-// moves every p by ~10%, while F / tau - m is exact for the pixels that carry the probability. Saving the unit gradient in the forward
-// instead would move as many bytes for float32 (its write and read replace the backward's
-// re-read of fs and ft) and more for 16-bit inputs (it must be float32, or a fp16 unit gradient
-// underflows before AMP's loss scale multiplies it), and hold a full-size tensor.
+// their sum, lse, rounded to float has an absolute error of ~|F / tau| 6e-8: at logits of 1e6
+// that moves every p by ~6%, while F / tau - m is exact for the pixels that carry the
+// probability. Saving the unit gradient in the forward instead would move as many bytes for
+// float32 (its write and read replace the backward's re-read of fs and ft) and more for 16-bit
+// inputs (it must be float32, or a fp16 unit gradient underflows before AMP's loss scale
+// multiplies it), and hold a full-size tensor.
 //
 // Near the teacher the KL is a small difference of large terms. With d = (fs - ft) / tau
 // (exact for close values, then one rounding) and phi(d) = e^d - 1 - d (its Taylor series):

@@ -12,10 +12,10 @@ loss = tau^2 / (B C) * sum_rows KL(p_t || p_s). Same math and saved statistics a
 * finish, grid (row blocks,): merges the splits of each row in split order, in float64, into
   stats (B, C, 5) = (m_t, log z_t, m_s, log z_s, delta = lse_s - lse_t) and the row's KL (the
   maximum and log-sum kept apart as on the CPU: lse = m + log z rounded to float32 would move
-  every p by ~|F / tau| 6e-8); the loss is the
-  fixed-order float64 sum of the rows. Splitting N keeps the GPU busy when B * C is small or
-  the channels are innermost (channels_last packs BLOCK_C rows into one program) without
-  atomics: the splits depend only on shape, layout and dtype, so the bits are reproducible.
+  every p by ~|F / tau| 6e-8); the loss is the fixed-order float64 sum of the rows. Splitting
+  N keeps the GPU busy when B * C is small or the channels are innermost (channels_last packs
+  BLOCK_C rows into one program) without atomics: the splits depend only on shape, layout and
+  dtype, so the bits are reproducible.
 * backward, grid (pixel blocks, channel blocks, B): elementwise, p_s - p_t recomputed from fs,
   ft and the row stats, times g tau / (B C), stored in fs's dtype and layout.
 

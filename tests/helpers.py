@@ -77,3 +77,10 @@ def loss_and_grad(fn, fs, ft, **kw):
     loss = fn(fs, ft, **kw)
     (grad,) = torch.autograd.grad(loss, fs)
     return loss.detach(), grad
+
+
+def free_memory_gib() -> float:
+    """Memory the OS can still hand out (MemAvailable), for the tests that need many GiB."""
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) / 2**20

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import kdkernels as kdk
-from helpers import (LAYOUTS, assert_close_rel, devices, fused_backends, loss_and_grad, make_layout,
-                     random_pair)
+from helpers import (LAYOUTS, assert_close_rel, devices, free_memory_gib, fused_backends,
+                     loss_and_grad, make_layout, random_pair)
 
 OP = "attention_transfer_loss"
 TARGETS = [(b, d) for d in devices() for b in fused_backends(OP, d)]
@@ -155,18 +155,12 @@ def test_compiles_fullgraph(backend, device):
     assert_close_rel(grad, ref_grad, 1e-4, "grad")
 
 
-def _free_memory_gib() -> float:
-    with open("/proc/meminfo") as f:
-        info = dict(line.split(":", 1) for line in f)
-    return int(info["MemAvailable"].split()[0]) / 2**20
-
-
 @pytest.mark.slow
 @pytest.mark.skipif("cpu" not in fused_backends(OP, "cpu"), reason="no CPU extension")
 def test_over_2_31_elements_cpu():
     """64-bit indexing: a float16 batch of 2^31 + 2 * 2^20 elements agrees with the sum of the
     per-sample losses, each computed on a slice that 32-bit offsets could still address."""
-    if _free_memory_gib() < 14:
+    if free_memory_gib() < 14:
         pytest.skip("needs about 14 GiB of free memory")
     per_sample = (1, 64, 4096, 4096 + 64)
     fs = torch.empty((2,) + per_sample[1:], dtype=torch.float16)

@@ -99,7 +99,7 @@ def _zero_gradient(op, case_: Case) -> bool:
     student: its true gradient is zero, and any computed one is rounding left over from terms
     that cancel exactly, amplified by 1 / ||x|| (large for tiny features)."""
     s, t, kw = case_.student, case_.teacher, case_.kwargs
-    n_s, n_t = s.shape[-2:].numel(), t.shape[-2:].numel()
+    n_s = s.shape[-2:].numel()
     if op == "attention_transfer_loss":
         if kw["resize"] == "pool":
             return min(s.shape[-2], t.shape[-2]) * min(s.shape[-1], t.shape[-1]) == 1

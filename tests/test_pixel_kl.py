@@ -7,8 +7,8 @@ import torch
 
 import kdkernels as kdk
 from kdkernels import _dispatch
-from helpers import (LAYOUTS, assert_close_rel, devices, fused_backends, loss_and_grad, make_layout,
-                     random_pair)
+from helpers import (LAYOUTS, assert_close_rel, devices, free_memory_gib, fused_backends,
+                     loss_and_grad, make_layout, random_pair)
 
 OP = "pixel_kl_loss"
 TARGETS = [(b, d) for d in devices() for b in fused_backends(OP, d)]
@@ -268,19 +268,13 @@ def test_compiles_fullgraph(backend, device):
     assert_close_rel(grad, ref_grad, 1e-4, "grad")
 
 
-def _free_memory_gib() -> float:
-    with open("/proc/meminfo") as f:
-        info = dict(line.split(":", 1) for line in f)
-    return int(info["MemAvailable"].split()[0]) / 2**20
-
-
 @pytest.mark.slow
 @pytest.mark.skipif("cpu" not in fused_backends(OP, "cpu"), reason="no CPU extension")
 def test_over_2_31_elements_cpu():
     """64-bit indexing: a float16 student of 2^31 + 2^25 elements (the teacher a broadcast view)
     gives the mean of the per-sample losses, each computed on a slice that 32-bit offsets could
     still address."""
-    if _free_memory_gib() < 8:
+    if free_memory_gib() < 8:
         pytest.skip("needs about 8 GiB of free memory")
     per_sample = (64, 4096, 4096 + 128)
     zs = torch.empty((2,) + per_sample, dtype=torch.float16)

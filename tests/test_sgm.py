@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import kdkernels as kdk
-from helpers import (LAYOUTS, assert_close_rel, devices, fused_backends, loss_and_grad, make_layout,
-                     random_pair)
+from helpers import (LAYOUTS, assert_close_rel, devices, free_memory_gib, fused_backends,
+                     loss_and_grad, make_layout, random_pair)
 
 OP = "sgm_loss"
 TARGETS = [(b, d) for d in devices() for b in fused_backends(OP, d)]
@@ -201,17 +201,11 @@ def test_compiles_fullgraph_cpu():
     assert_close_rel(grad, ref_grad, 1e-4, "grad")
 
 
-def _free_memory_gib() -> float:
-    with open("/proc/meminfo") as f:
-        info = dict(line.split(":", 1) for line in f)
-    return int(info["MemAvailable"].split()[0]) / 2**20
-
-
 @pytest.mark.skipif(not HAS_CPU, reason="the CPU extension is not built")
 def test_offsets_past_2_31_cpu():
     """64-bit offsets: the second sample of ps starts 2^31 elements into its storage (a 4 GiB
     float16 buffer of which only the used pages are ever touched)."""
-    if _free_memory_gib() < 5:
+    if free_memory_gib() < 5:
         pytest.skip("needs about 5 GiB of free memory to reserve")
     big = torch.empty(2**31 + 1024, dtype=torch.float16)
     fs = big.as_strided((2, 2, 5, 5), (2**31, 25, 5, 1))

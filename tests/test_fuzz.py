@@ -122,6 +122,32 @@ def _sign_tie(op, case_: Case) -> bool:
     return bool(((e_s - e_t).abs() <= 1e-3 * e_s.abs().max()).any())
 
 
+def _kink_tie(op, case_: Case) -> bool:
+    """attention_transfer at p = 1: d|y|/dy = sign(y) flips where a resampled student value y
+    cancels to within the resampling's rounding of 0 (+-7.98e-3 neighbours interpolate to exactly
+    0 in float64, to -1.9e-9 in float32). p < 1 is not compared at all; without resampling, or
+    where every tap is 0, the values are the same in both."""
+    if op != "attention_transfer_loss" or case_.kwargs["p"] != 1.0:
+        return False
+    s, t = case_.student.double(), case_.teacher.double()
+    if case_.kwargs["resize"] == "pool":
+        target = tuple(min(a, b) for a, b in zip(s.shape[-2:], t.shape[-2:]))
+        if tuple(s.shape[-2:]) == target:
+            return False
+
+        def resample(x):
+            return torch.nn.functional.adaptive_avg_pool2d(x, target)
+    elif s.shape[-2:] != t.shape[-2:]:
+        def resample(x):
+            return torch.nn.functional.interpolate(x, size=t.shape[-2:], mode="bilinear",
+                                                   align_corners=False)
+    else:
+        return False
+    scale = resample(s.abs())  # the size of the taps, hence of the rounding
+    near_zero = resample(s).abs() <= 4 * torch.finfo(torch.float32).eps * scale
+    return bool((near_zero & (scale > 0)).any())
+
+
 def _flash_d_allowance(op, backend, case_: Case) -> float:
     """The Triton logit_attention backward takes flash attention's D_i = <dA_i, A_i> for the
     softmax backward's <P_i, dP_i> (no H x H matrix): equal, but summed differently, so
@@ -178,7 +204,8 @@ def _check(op, backend, device, case_: Case):
     err = (loss.double() - ref_loss).abs()
     note(f"loss {loss.item():.9g} vs float64 {ref_loss.item():.9g} (far {far_loss.item():.3g})")
     assert err <= bound, f"loss error {err:.3e} > bound {bound:.3e}"
-    if _zero_gradient(op, case_) or backend == "torch" and _sign_tie(op, case_):
+    if _zero_gradient(op, case_) or backend == "torch" and _sign_tie(op, case_) or \
+            _kink_tie(op, case_):
         return
     if op == "attention_transfer_loss" and case_.kwargs["p"] < 1:
         return  # d|y|^p/dy, p < 1, is unbounded at y = 0: the gradient is ill-conditioned there

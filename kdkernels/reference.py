@@ -165,5 +165,9 @@ def structure_loss(logits, mask):
     prob = torch.sigmoid(logits)
     inter = (prob * mask * weight).sum(dim=(2, 3))
     union = ((prob + mask) * weight).sum(dim=(2, 3))
-    wiou = 1 - (inter + 1) / (union - inter + 1)
+    # 1 - (inter + 1) / (union - inter + 1), with its numerator union - 2 inter summed from
+    # non-negative terms (1 - prob = sigmoid(-logits)): the plain form cancels when the
+    # prediction is close to the mask (1e-6 relative error at a loss of 4e-11 in float64).
+    apart = (weight * (prob * (1 - mask) + mask * torch.sigmoid(-logits))).sum(dim=(2, 3))
+    wiou = apart / (union - inter + 1)
     return (wbce + wiou).mean()

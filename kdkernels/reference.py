@@ -160,7 +160,11 @@ def structure_loss(logits, mask):
     # Boundary weight: pixels whose 31x31 neighbourhood disagrees with them weigh up to 6x.
     pooled = F.avg_pool2d(mask, kernel_size=31, stride=1, padding=15, count_include_pad=True)
     weight = 1 + 5 * (pooled - mask).abs()
-    bce = F.binary_cross_entropy_with_logits(logits, mask, reduction="none")
+    # BCE with logits as m softplus(-x) + (1 - m) softplus(x) (logaddexp: no threshold): its
+    # autograd gradient -m sigmoid(-x) + (1 - m) sigmoid(x) does not cancel near a binary mask,
+    # where PyTorch's sigmoid(x) - m does (1e-6 relative error at a loss of 4e-11 in float64).
+    zero = torch.zeros_like(logits)
+    bce = mask * torch.logaddexp(-logits, zero) + (1 - mask) * torch.logaddexp(logits, zero)
     wbce = (weight * bce).sum(dim=(2, 3)) / weight.sum(dim=(2, 3))
     prob = torch.sigmoid(logits)
     inter = (prob * mask * weight).sum(dim=(2, 3))

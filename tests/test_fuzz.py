@@ -148,20 +148,35 @@ def _kink_tie(op, case_: Case) -> bool:
     return bool((near_zero & (scale > 0)).any())
 
 
-def _flash_d_allowance(op, backend, case_: Case) -> float:
-    """The Triton logit_attention backward takes flash attention's D_i = <dA_i, A_i> for the
-    softmax backward's <P_i, dP_i> (no H x H matrix): equal, but summed differently, so
-    dS = P o (dP - D) keeps ~eps |dA_i| |X|^2 s of rounding even where P_i is one-hot and the
-    eager (and CPU) dS is exactly 0. Through (dS + dS^T) X s, summed over a map's rows
-    (||dA||_1 <= 2 tau / maps): at most ~4 eps tau s max|X|^2 / maps per entry. Nonzero only
-    where logits are large enough to saturate the attention rows (X X^T s >> 1)."""
-    if op != "logit_attention_loss" or backend != "triton":
+def _attention_allowance(op, case_: Case) -> float:
+    """logit_attention's softmax backward dS = P o (dP - D) keeps ~eps |dA_i| |X|^2 / sqrt(W) of
+    rounding: from dP's own rounding in every backend (eager float32 included: 2.6e-4 of the
+    largest gradient at logits of 80), and in the Triton backend also from flash attention's
+    D_i = <dA_i, A_i> standing in for <P_i, dP_i>, which leaves that much even on one-hot rows
+    where eager gets exactly 0. Through (dS + dS^T) X / sqrt(W), summed over a map's rows
+    (||dA||_1 <= 2 tau / maps): ~4 eps tau max|X|^2 / (sqrt(W) maps) per entry. It matters only
+    where the logits are large enough to saturate the attention rows (X X^T / sqrt(W) >> 1)."""
+    if op != "logit_attention_loss":
         return 0.0
     x = case_.student
     maps = x.shape[0] * (x.shape[1] if x.dim() == 4 else 1)
     eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
     tau = case_.kwargs["tau"]
     return 4 * eps * tau * float(x.double().abs().max()) ** 2 / (math.sqrt(x.shape[-1]) * maps)
+
+
+def _rounded_sign(op, case_: Case) -> bool:
+    """sgm "l1" on the fused backends: they form E_s - E_t as (s - t) + (s - t)^T, which avoids
+    the cancellation of E_s - E_t near the teacher but rounds by ~eps (|s| + |t|) per entry, so
+    its sign (the gradient) flips or vanishes where |E_s - E_t| is below that: a teacher pair
+    that cancels (-80 and +80) against a student pair of 6e-5 and -6e-5."""
+    if op != "sgm_loss" or case_.kwargs["distance"] != "l1":
+        return False
+    s, t = case_.student.double(), case_.teacher.double()
+    d = (s + s.transpose(-1, -2)) - (t + t.transpose(-1, -2))
+    size = s.abs() + t.abs() + s.abs().transpose(-1, -2) + t.abs().transpose(-1, -2)
+    eps = torch.finfo(torch.float64 if case_.student.dtype == torch.float64 else torch.float32).eps
+    return bool((d.abs() <= 4 * eps * size).any())
 
 
 def _check(op, backend, device, case_: Case):
@@ -198,14 +213,14 @@ def _check(op, backend, device, case_: Case):
         eager_loss, eager_grad, _ = _loss_and_grads(getattr(kdk.reference, op), case_.student,
                                                     case_.teacher, **case_.kwargs)
         bound = bound + 4 * (eager_loss.double() - ref_loss).abs()
-        grad_bound = grad_bound + 4 * (eager_grad.double() - ref_grad).abs().max() + \
-            _flash_d_allowance(op, backend, case_)
+        grad_bound = grad_bound + 4 * (eager_grad.double() - ref_grad).abs().max()
+    grad_bound = grad_bound + _attention_allowance(op, case_)
 
     err = (loss.double() - ref_loss).abs()
     note(f"loss {loss.item():.9g} vs float64 {ref_loss.item():.9g} (far {far_loss.item():.3g})")
     assert err <= bound, f"loss error {err:.3e} > bound {bound:.3e}"
-    if _zero_gradient(op, case_) or backend == "torch" and _sign_tie(op, case_) or \
-            _kink_tie(op, case_):
+    if _zero_gradient(op, case_) or _kink_tie(op, case_) or \
+            (_sign_tie(op, case_) if backend == "torch" else _rounded_sign(op, case_)):
         return
     if op == "attention_transfer_loss" and case_.kwargs["p"] < 1:
         return  # d|y|^p/dy, p < 1, is unbounded at y = 0: the gradient is ill-conditioned there

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -151,3 +153,23 @@ def test_logit_attention_one_hot_rows_flash_d(device):
             assert err <= bound, backend
         else:
             assert err <= 4 * eager_err + 1e-6 * ref_grad.abs().max(), backend
+
+
+@pytest.mark.parametrize("device", devices())
+def test_structure_near_perfect_prediction_float64(device):
+    """Found by the fuzzer (long profile): for a prediction within e^-24 of the mask the float64
+    reference lost 1e-6 relative (its wIoU 1 - (I+1)/(U-I+1) and PyTorch's BCE-with-logits
+    gradient sigmoid(x) - m both cancel) while the CPU kernel was exact; the fuzzer flagged the
+    kernel. Closed form for one pixel, mask 1, weight w = 1 + 5 (1 - 1/961), q = sigmoid(-x):
+    loss = log1p(e^-x) + w q / (w + 1), d loss / dx = -q - w p q / (w + 1)."""
+    x = 24.65594
+    q = math.exp(-x) / (1 + math.exp(-x))
+    w = 1 + 5 * (1 - 1 / 961)
+    loss_exact = math.log1p(math.exp(-x)) + w * q / (w + 1)
+    grad_exact = -q - w * (1 - q) * q / (w + 1)
+    logits = torch.full((1, 1, 1, 1), x, dtype=torch.float64, device=device)
+    mask = torch.ones_like(logits)
+    for backend in ["torch"] + fused_backends("structure_loss", device):
+        loss, grad = loss_and_grad(kdk.structure_loss, logits, mask, backend=backend)
+        assert abs(loss.item() - loss_exact) <= 1e-14 * loss_exact, backend
+        assert abs(grad.item() - grad_exact) <= 1e-14 * abs(grad_exact), backend

@@ -122,6 +122,12 @@ def _sign_tie(op, case_: Case) -> bool:
     return bool(((e_s - e_t).abs() <= 1e-3 * e_s.abs().max()).any())
 
 
+def _acc_eps(x: torch.Tensor) -> float:
+    """The rounding unit of the arithmetic on x: float64, else float32 (half inputs accumulate
+    in float32)."""
+    return torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
+
+
 def _kink_tie(op, case_: Case) -> bool:
     """attention_transfer at p = 1: d|y|/dy = sign(y) flips where a resampled student value y
     cancels to within the resampling's rounding of 0 (+-7.98e-3 neighbours interpolate to exactly
@@ -160,9 +166,8 @@ def _attention_allowance(op, case_: Case) -> float:
         return 0.0
     x = case_.student
     maps = x.shape[0] * (x.shape[1] if x.dim() == 4 else 1)
-    eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
     tau = case_.kwargs["tau"]
-    return 4 * eps * tau * float(x.double().abs().max()) ** 2 / (math.sqrt(x.shape[-1]) * maps)
+    return 4 * _acc_eps(x) * tau * float(x.double().abs().max()) ** 2 / (math.sqrt(x.shape[-1]) * maps)
 
 
 def _rounded_sign(op, case_: Case) -> bool:
@@ -175,8 +180,7 @@ def _rounded_sign(op, case_: Case) -> bool:
     s, t = case_.student.double(), case_.teacher.double()
     d = (s + s.transpose(-1, -2)) - (t + t.transpose(-1, -2))
     size = s.abs() + t.abs() + s.abs().transpose(-1, -2) + t.abs().transpose(-1, -2)
-    eps = torch.finfo(torch.float64 if case_.student.dtype == torch.float64 else torch.float32).eps
-    return bool((d.abs() <= 4 * eps * size).any())
+    return bool((d.abs() <= 4 * _acc_eps(case_.student) * size).any())
 
 
 def _check(op, backend, device, case_: Case):

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -98,15 +99,23 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def bench_rows(args, device: torch.device, case_list: list, modes) -> tuple[list, list, dict]:
-    """Run every case in every dtype; rows (without the derived columns), skipped backends,
-    settings."""
+def run_settings(args, device: torch.device, modes) -> dict:
     on_cuda = device.type == "cuda"
     # The CPU sweep's eager calls last seconds: one warm-up call.
     warmup = 1 if args.sweep and not on_cuda else harness.WARMUP_CALLS[device.type]
-    min_sample_s = 0.002 if args.quick else (0.005 if on_cuda else 0.01)
+    return {"quick": args.quick, "sweep": args.sweep, "dtypes": args.dtypes,
+            "repeats": args.repeats, "warmup": warmup,
+            "min_sample_s": 0.002 if args.quick else (0.005 if on_cuda else 0.01),
+            "threads": torch.get_num_threads(), "modes": list(modes),
+            "mem_budget_gb": args.mem_budget_gb if device.type == "cpu" else None}
+
+
+def bench_rows(args, device: torch.device, case_list: list, settings: dict,
+               rows: list, skipped: list) -> None:
+    """Run every case in every dtype, appending its rows (without the derived columns) and
+    skipped backends as each case finishes, so that an interrupted run keeps the finished ones."""
+    modes, warmup, min_sample_s = settings["modes"], settings["warmup"], settings["min_sample_s"]
     mem_budget = args.mem_budget_gb * 1e9
-    rows, skipped = [], []
     for case in case_list:
         shape = {k: list(v) for k, v in case.shapes.items()}
         for dtype_name in args.dtypes:
@@ -121,11 +130,10 @@ def bench_rows(args, device: torch.device, case_list: list, modes) -> tuple[list
                              "dtype": dtype_name, "shape": shape, "kwargs": case.kwargs,
                              "mode": mode, work_key: work[mode], **r})
             skipped += [{**s, "dtype": dtype_name} for s in case_skipped]
-    settings = {"quick": args.quick, "sweep": args.sweep, "dtypes": args.dtypes,
-                "repeats": args.repeats, "warmup": warmup, "min_sample_s": min_sample_s,
-                "threads": torch.get_num_threads(), "modes": list(modes),
-                "mem_budget_gb": args.mem_budget_gb if device.type == "cpu" else None}
-    return rows, skipped, settings
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:
@@ -148,7 +156,15 @@ def main(argv=None) -> int:
         case_list = [c for c in case_table.cases(device.type, args.quick, args.ops)
                      if not args.cases or c.name in args.cases]
         modes = MODES
-    rows, skipped, settings = bench_rows(args, device, case_list, modes)
+    settings = run_settings(args, device, modes)
+    rows, skipped = [], []
+    signal.signal(signal.SIGTERM, _interrupt)  # `timeout` (a device lease running out) sends SIGTERM
+    try:
+        bench_rows(args, device, case_list, settings, rows, skipped)
+    except KeyboardInterrupt:
+        settings["interrupted"] = True
+        log(f"interrupted: writing the {len({(r['case'], r['dtype']) for r in rows})} case/dtype "
+            "runs that finished")
     if args.sweep:
         for r in rows:
             r["sweep"] = True

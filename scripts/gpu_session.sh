@@ -1,23 +1,37 @@
 #!/usr/bin/env bash
 # The checks of a GPU session, most important first, each under its own time limit so that a short
-# device lease still brings back what ran: build, the test suite on CUDA, the sanitizers, the
-# >2^31-element tests, the benchmarks. Run from the repository root on the GPU machine (torch,
-# triton, pytest and hypothesis preinstalled; nothing is installed):
+# device lease still brings back what ran. Run from the repository root on the GPU machine (torch,
+# triton, pytest, pytest-xdist and hypothesis preinstalled; nothing is installed):
 #
-#     bash scripts/gpu_session.sh COMMIT [BUDGET_SECONDS]
+#     bash scripts/gpu_session.sh COMMIT [BUDGET_SECONDS] [PHASE]
 #
-# Logs, a summary and the records the steps write (bench/results/, tests/sanitizers/) are copied
-# under $OUT (default gpu-session/), by their repository paths, to be committed from there.
-# A step that hits its limit is killed and the next one runs; steps that would start with less
-# than a minute of the budget left are skipped.
+# PHASE "main" (default): build; then side by side the test suite on CUDA (pytest-xdist), the three
+# sanitizers over tests/sanitize_workload.py and the >2^31-element tests; then the benchmarks'
+# acceptance cases. PHASE "more": the remaining benchmark cases, then the long fuzz profile on CUDA
+# (for a second call on the same machine, whose build is kept).
+#
+# The device tool returns at most 8 files, so logs and the records the steps write (bench/results/,
+# tests/sanitizers/) are packed, by their repository paths, into $OUT/session.tgz after every step,
+# with $OUT/summary.txt beside it. A step that hits its limit is killed and the next one runs;
+# steps that would start with less than a minute of the budget left are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-COMMIT=${1:?usage: gpu_session.sh COMMIT [BUDGET_SECONDS]}
+COMMIT=${1:?usage: gpu_session.sh COMMIT [BUDGET_SECONDS] [main|more]}
 BUDGET=${2:-540}
+PHASE=${3:-main}
+PY=${PYTHON:-python3}
 OUT=${OUT:-gpu-session}
-mkdir -p "$OUT"
-touch "$OUT/started"  # records newer than this are this session's
+LOGS=gpu-session-logs
+mkdir -p "$OUT" "$LOGS"
+touch "$LOGS/started"  # records newer than this are this session's
 START=$SECONDS
+
+pack() {
+  local records
+  records=$(find bench/results tests/sanitizers -newer "$LOGS/started" -type f 2>/dev/null)
+  # shellcheck disable=SC2086  # one path per word: the records' names have no spaces
+  tar czf "$OUT/session.tgz" "$LOGS" $records
+}
 
 step() {  # step NAME LIMIT CMD...: run CMD for at most LIMIT seconds (less if the budget is short)
   local name=$1 limit=$2
@@ -29,32 +43,37 @@ step() {  # step NAME LIMIT CMD...: run CMD for at most LIMIT seconds (less if t
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   local t0=$SECONDS
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout -k 10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
-  echo "$name: rc=$rc in $((SECONDS - t0))s (limit ${limit}s)" | tee -a "$OUT/summary.txt"
-  tail -n 3 "$OUT/$name.log"
+  echo "$name: rc=$rc in $((SECONDS - t0))s (limit ${limit}s): $(tail -n 1 "$LOGS/$name.log")" |
+    tee -a "$OUT/summary.txt"
+  pack
 }
 
 {
-  echo "commit $COMMIT, $(date -u +%FT%TZ)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-} | tee "$OUT/summary.txt"
+  echo "commit $COMMIT, phase $PHASE, $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} | tee -a "$OUT/summary.txt"
 
-step build 240 env MAX_JOBS="$(nproc)" TORCH_CUDA_ARCH_LIST=9.0 KDKERNELS_FORCE_CUDA=1 \
-  pip install --no-build-isolation --no-deps -e .
-# Correctness on the device first: the regressions, edge values and determinism, then the rest.
-step tests_hardening 150 python -m pytest -q -p no:cacheprovider --maxfail=30 \
-  tests/test_fuzz_regressions.py tests/test_edge_values.py tests/test_determinism.py
-step tests 300 python -m pytest -q -p no:cacheprovider --maxfail=50 -m "not slow" tests
-step sanitizers 240 python tests/sanitize.py --commit "$COMMIT" --timeout 100
-step huge_tensors 150 python -m pytest -q -p no:cacheprovider -m slow \
-  tests/test_huge_tensors.py tests/test_64bit_offsets.py
-step fuzz_long 240 python -m pytest -q -p no:cacheprovider tests/test_fuzz.py \
-  --hypothesis-profile long -k cuda
-step bench 300 python -m bench --device cuda
-
-for d in bench/results tests/sanitizers; do
-  [ -d "$d" ] && find "$d" -newer "$OUT/started" -type f -exec cp --parents {} "$OUT" \;
-done
+PYTEST=($PY -m pytest -q -p no:cacheprovider --timeout 240)
+if [ "$PHASE" = main ]; then
+  step build 240 env MAX_JOBS="$(nproc)" TORCH_CUDA_ARCH_LIST=9.0 KDKERNELS_FORCE_CUDA=1 \
+    $PY -m pip install --no-build-isolation --no-deps -e .
+  # Correctness first; the sanitizers and the huge tensors use the GPU, the suite mostly the CPUs.
+  step tests 260 "${PYTEST[@]}" -n 8 --maxfail=100 -rfE -m "not slow" tests &
+  for tool in memcheck racecheck initcheck; do
+    step "sanitize_$tool" 230 $PY tests/sanitize.py --commit "$COMMIT" --tools "$tool" \
+      --targets workload --timeout 220 &
+  done
+  step huge_tensors 200 "${PYTEST[@]}" -rfE -m slow tests/test_huge_tensors.py tests/test_64bit_offsets.py &
+  wait
+  step bench_acceptance 400 $PY -m bench --device cuda --cases acceptance_b8,acceptance_96_mse
+else
+  step bench_rest 300 $PY -m bench --device cuda --cases \
+    kdas_features,hlfd_at,cpkd_c128,kdas,kdas_l1,hlfd,kdas_binary,ltg_logits,cpkd_56_mse,cpkd_56_kl,cpkd_88_mse,cpkd_88_kl,memory_128_mse,memory_128_kl
+  step fuzz_long 240 "${PYTEST[@]}" -n 8 -rfE tests/test_fuzz.py --hypothesis-profile long -k cuda
+fi
 echo "total $((SECONDS - START))s" | tee -a "$OUT/summary.txt"
+cp "$OUT/summary.txt" "$LOGS/"
+pack

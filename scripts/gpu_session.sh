@@ -7,12 +7,15 @@
 #
 # PHASE "main" (default): build; then side by side the test suite on CUDA (pytest-xdist), the three
 # sanitizers over tests/sanitize_workload.py and the >2^31-element tests; then the benchmarks'
-# acceptance cases. PHASE "more": the remaining benchmark cases, then the long fuzz profile on CUDA
-# (for a second call on the same machine, whose build is kept).
+# acceptance cases. PHASE "verify" (a short lease after fixes): build, then side by side the tests
+# that run a GPU backend (ids with cuda or triton), the sanitizers over the ops in $SANITIZE_OPS
+# (comma-separated; default all) and the >2^31-element tests. PHASE "more": the remaining benchmark
+# cases, then the long fuzz profile on CUDA (a second call on the same machine keeps the build).
 #
 # The device tool returns at most 8 files, so logs and the records the steps write (bench/results/,
 # tests/sanitizers/) are packed, by their repository paths, into $OUT/session.tgz after every step,
-# with $OUT/summary.txt beside it. A step that hits its limit is killed and the next one runs;
+# with $OUT/summary.txt beside it. A step that hits its limit is interrupted (SIGINT: pytest still
+# prints its failures, python -m bench writes the cases that finished) and the next one runs;
 # steps that would start with less than a minute of the budget left are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +46,7 @@ step() {  # step NAME LIMIT CMD...: run CMD for at most LIMIT seconds (less if t
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   local t0=$SECONDS
-  timeout -k 10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+  timeout -s INT -k 15 "$limit" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
   echo "$name: rc=$rc in $((SECONDS - t0))s (limit ${limit}s): $(tail -n 1 "$LOGS/$name.log")" |
     tee -a "$OUT/summary.txt"
@@ -56,24 +59,39 @@ step() {  # step NAME LIMIT CMD...: run CMD for at most LIMIT seconds (less if t
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } | tee -a "$OUT/summary.txt"
 
-PYTEST=($PY -m pytest -q -p no:cacheprovider --timeout 240)
-if [ "$PHASE" = main ]; then
+PYTEST=($PY -m pytest -q -p no:cacheprovider --timeout 240 --tb=short)
+SANITIZE=($PY tests/sanitize.py --commit "$COMMIT" --targets workload --timeout 220
+          ${SANITIZE_OPS:+--ops "$SANITIZE_OPS"})
+build() {
   step build 240 env MAX_JOBS="$(nproc)" TORCH_CUDA_ARCH_LIST=9.0 KDKERNELS_FORCE_CUDA=1 \
     $PY -m pip install --no-build-isolation --no-deps -e .
+}
+gpu_checks() {  # gpu_checks LIMIT PYTEST-ARGS...: the tests, the sanitizers, the huge tensors
+  local limit=$1
+  shift
   # Correctness first; the sanitizers and the huge tensors use the GPU, the suite mostly the CPUs.
-  step tests 260 "${PYTEST[@]}" -n 8 --maxfail=100 -rfE -m "not slow" tests &
+  step tests "$limit" "${PYTEST[@]}" -n 10 --maxfail=100 -rfE "$@" &
   for tool in memcheck racecheck initcheck; do
-    step "sanitize_$tool" 230 $PY tests/sanitize.py --commit "$COMMIT" --tools "$tool" \
-      --targets workload --timeout 220 &
+    step "sanitize_$tool" "$limit" "${SANITIZE[@]}" --tools "$tool" &
   done
-  step huge_tensors 200 "${PYTEST[@]}" -rfE -m slow tests/test_huge_tensors.py tests/test_64bit_offsets.py &
+  step huge_tensors "$limit" "${PYTEST[@]}" -rfE -m slow tests/test_huge_tensors.py \
+    tests/test_64bit_offsets.py &
   wait
-  step bench_acceptance 400 $PY -m bench --device cuda --cases acceptance_b8,acceptance_96_mse
-else
-  step bench_rest 300 $PY -m bench --device cuda --cases \
-    kdas_features,hlfd_at,cpkd_c128,kdas,kdas_l1,hlfd,kdas_binary,ltg_logits,cpkd_56_mse,cpkd_56_kl,cpkd_88_mse,cpkd_88_kl,memory_128_mse,memory_128_kl
-  step fuzz_long 240 "${PYTEST[@]}" -n 8 -rfE tests/test_fuzz.py --hypothesis-profile long -k cuda
-fi
+}
+case $PHASE in
+  main)
+    build
+    gpu_checks 260 -m "not slow" tests
+    step bench_acceptance 400 $PY -m bench --device cuda --cases acceptance_b8,acceptance_96_mse ;;
+  verify)
+    build
+    gpu_checks $((BUDGET - (SECONDS - START) - 5)) -m "not slow" -k "cuda or triton" tests ;;
+  more)
+    step bench_rest 300 $PY -m bench --device cuda --cases \
+      kdas_features,hlfd_at,cpkd_c128,kdas,kdas_l1,hlfd,kdas_binary,ltg_logits,cpkd_56_mse,cpkd_56_kl,cpkd_88_mse,cpkd_88_kl,memory_128_mse,memory_128_kl
+    step fuzz_long 240 "${PYTEST[@]}" -n 8 -rfE tests/test_fuzz.py --hypothesis-profile long -k cuda ;;
+  *) echo "unknown phase $PHASE (main, verify or more)" >&2; exit 2 ;;
+esac
 echo "total $((SECONDS - START))s" | tee -a "$OUT/summary.txt"
 cp "$OUT/summary.txt" "$LOGS/"
 pack

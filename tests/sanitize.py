@@ -5,7 +5,8 @@ shapes, every layout, float16/32/64) and "pytest" (the CUDA C++ backend's tests,
 not the slow ones). Each (tool, target) run is one sanitizer process; a JSON record of all of
 them (tool, target, errors, warnings, device, date, commit) is written to tests/sanitizers/.
 
-    python tests/sanitize.py [--tools memcheck,racecheck] [--targets workload] [--timeout 500]
+    python tests/sanitize.py [--tools memcheck,racecheck] [--targets workload] [--ops structure_loss]
+                             [--timeout 500]
 
 Exit status: 0 every run clean; 1 a run found errors, failed or timed out; 77 nothing could be
 checked here (no CUDA device, no compute-sanitizer, or the sanitizer does not support the
@@ -89,7 +90,10 @@ def main() -> int:
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--timeout", type=float, default=None, help="seconds per sanitizer run")
     parser.add_argument("--commit", help="the commit checked (default: git rev-parse HEAD)")
+    parser.add_argument("--ops", help="comma-separated ops for the workload target (default: all)")
     args = parser.parse_args()
+    if args.ops:
+        TARGETS["workload"] = TARGETS["workload"] + args.ops.split(",")
     tools, targets = args.tools.split(","), args.targets.split(",")
     if not set(tools) <= set(TOOLS) or not set(targets) <= set(TARGETS):
         parser.error(f"tools are {', '.join(TOOLS)}; targets are {', '.join(TARGETS)}")
@@ -120,7 +124,7 @@ def main() -> int:
     device = torch.cuda.get_device_name()
     version = subprocess.run([sanitizer, "--version"], capture_output=True, text=True).stdout.strip()
     record = {"date": now.isoformat(timespec="seconds"), "commit": commit(args.commit), "device": device,
-              "torch": torch.__version__, "cuda": torch.version.cuda,
+              "ops": args.ops.split(",") if args.ops else "all", "torch": torch.__version__, "cuda": torch.version.cuda,
               "triton": _version("triton"), "sanitizer": version.splitlines()[-1] if version else "",
               "clean": all(r["clean"] for r in runs), "runs": runs}
     RECORDS.mkdir(exist_ok=True)

@@ -2,7 +2,7 @@
 tests/sanitize.py runs under compute-sanitizer. Odd sizes put edge tiles everywhere; each call
 is synchronised so that an error is reported against the op that caused it (printed first).
 
-    python tests/sanitize_workload.py            # needs a CUDA device
+    python tests/sanitize_workload.py [OP ...]   # needs a CUDA device; default: every op
 """
 
 from __future__ import annotations
@@ -55,9 +55,16 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("sanitize_workload: no CUDA device", file=sys.stderr)
         return 77
+    ops = sys.argv[1:] or list(CASES)
+    unknown = sorted(set(ops) - set(CASES))
+    if unknown:
+        print(f"sanitize_workload: unknown op(s) {', '.join(unknown)}; known: {', '.join(CASES)}",
+              file=sys.stderr)
+        return 2
     g = torch.Generator().manual_seed(0)
     calls = 0
-    for op, cases in CASES.items():
+    for op in ops:
+        cases = CASES[op]
         for backend in fused_backends(op, "cuda"):
             for s_shape, t_shape, kw in cases:
                 for dtype, layout in VARIANTS:

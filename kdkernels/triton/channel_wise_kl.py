@@ -158,7 +158,8 @@ def _cwd_fwd_kernel(
     tl.store(out + 6, tl.max(dmax, axis=1), mask=mask_c)
 
 
-@triton.jit
+# rows: Triton specializes an int argument equal to 1 into a constexpr, which has no .to (B * C = 1).
+@triton.jit(do_not_specialize=["rows"])
 def _cwd_finish_kernel(part_ptr, stats_ptr, kl_ptr, rows, splits, BLOCK: tl.constexpr):
     """Merges each row's splits in order (float64) into the row's stats and KL."""
     # int64 row offsets: 5 * r and split * rows pass 2^31 from 2^29 rows (B * C) on.

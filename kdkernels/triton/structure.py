@@ -143,19 +143,24 @@ def _structure_finalize_kernel(part_ptr, consts_ptr, loss_ptr, images, tiles,
     for i0 in range(0, images, BI):
         img = i0 + tl.arange(0, BI)
         ok_img = img < images
-        s_w = tl.zeros([BI], tl.float64)
-        s_b = tl.zeros([BI], tl.float64)
-        s_i = tl.zeros([BI], tl.float64)
-        s_e = tl.zeros([BI], tl.float64)
+        # [BI, BT] accumulators reduced once after the loop: Triton 3.6 fails to compile a float64
+        # tl.sum carried through the loop (its thread-locality pass, on sm_90).
+        a_w = tl.zeros([BI, BT], tl.float64)
+        a_b = tl.zeros([BI, BT], tl.float64)
+        a_i = tl.zeros([BI, BT], tl.float64)
+        a_e = tl.zeros([BI, BT], tl.float64)
         for t0 in range(0, tiles, BT):
             t = t0 + tl.arange(0, BT)
             ok = ok_img[:, None] & (t < tiles)[None, :]
             src = part_ptr + (img.to(tl.int64)[:, None] * tiles + t[None, :]) * 4
-            s_w += tl.sum(tl.load(src, mask=ok, other=0.0).to(tl.float64), axis=1)
-            s_b += tl.sum(tl.load(src + 1, mask=ok, other=0.0).to(tl.float64), axis=1)
-            s_i += tl.sum(tl.load(src + 2, mask=ok, other=0.0).to(tl.float64), axis=1)
-            s_e += tl.sum(tl.load(src + 3, mask=ok, other=0.0).to(tl.float64), axis=1)
-        s_w = tl.where(ok_img, s_w, 1.0)
+            a_w += tl.load(src, mask=ok, other=0.0).to(tl.float64)
+            a_b += tl.load(src + 1, mask=ok, other=0.0).to(tl.float64)
+            a_i += tl.load(src + 2, mask=ok, other=0.0).to(tl.float64)
+            a_e += tl.load(src + 3, mask=ok, other=0.0).to(tl.float64)
+        s_b = tl.sum(a_b, axis=1)
+        s_i = tl.sum(a_i, axis=1)
+        s_e = tl.sum(a_e, axis=1)
+        s_w = tl.where(ok_img, tl.sum(a_w, axis=1), 1.0)
         d = s_e + s_i + 1.0
         total += tl.where(ok_img, s_b / s_w + s_e / d, 0.0)
         nd2 = n * d * d

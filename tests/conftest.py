@@ -13,6 +13,12 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 import kdkernels  # noqa: E402,F401  (imported after the switch above on purpose)
 
+if os.environ.get("KDK_TRITON_LAUNCHES") and os.environ.get("TRITON_INTERPRET") == "1":
+    # Record the interpreted launches for tests/triton_compile_check.py (scripts/test.sh).
+    from triton_compile_check import record_launches
+
+    record_launches(os.environ["KDK_TRITON_LAUNCHES"])
+
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 

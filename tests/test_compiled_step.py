@@ -18,11 +18,13 @@ import pytest
 import torch
 from torch._dynamo.backends.registry import lookup_backend
 
-import kdkernels as kdk
-from models.engine import to_input, to_target
-from models.recipes import RECIPES
-from models.synthetic import KVASIR_CLASSES, class_set, polyp_set
-from helpers import assert_close_rel
+pytest.importorskip("monai", reason="models/ needs the models extra: pip install -e .[models]")
+
+import kdkernels as kdk  # noqa: E402
+from models.engine import to_input, to_target  # noqa: E402
+from models.recipes import RECIPES  # noqa: E402
+from models.synthetic import KVASIR_CLASSES, class_set, polyp_set  # noqa: E402
+from helpers import assert_close_rel  # noqa: E402
 
 BACKENDS = [b for b in ("cpu", "torch") if kdk.backends()[b]["available"]]
 # MONAI's DiceFocalLoss (the HLFD/CPKD task loss) breaks the graph on data-dependent reduction

@@ -11,6 +11,9 @@ pixel KL): these sizes take minutes and 12+ GiB there.
 
 from __future__ import annotations
 
+import gc
+import sys
+
 import pytest
 import torch
 
@@ -21,7 +24,10 @@ GiB = 2**30
 # op, small batch (student shape, teacher shape), copies R, keyword arguments, GPU memory needed.
 CASES = [
     ("attention_transfer_loss", (1, 64, 1024, 1024), (1, 16, 256, 256), 33, {}, 24 * GiB),
-    ("channel_relation_loss", (1, 64, 1024, 1024), None, 33, {}, 24 * GiB),
+    # The cuda backend's channel relation runs ATen float64 ops over whole (B, C, N) copies: its
+    # backward holds ~7 of them, 8 bytes per element (~130 GiB here: skipped on a 141 GB card
+    # until it works in batch chunks; 24 GiB for Triton's).
+    ("channel_relation_loss", (1, 64, 1024, 1024), None, 33, {}, {"cuda": 140 * GiB, "triton": 24 * GiB}),
     ("pixel_relation_loss", (1, 256, 64, 128), None, 1025, {"distance": "mse"}, 48 * GiB),
     ("pixel_relation_loss", (1, 4096, 32, 32), None, 513, {"distance": "kl"}, 48 * GiB),
     ("sgm_loss", (1, 1, 8192, 8192), None, 33, {}, 24 * GiB),
@@ -48,9 +54,20 @@ def _small(op, s_shape, t_shape):
     return fs.cuda(), ft.cuda()
 
 
+@pytest.fixture(autouse=True)
+def _release_memory():
+    """pytest keeps the last failure's traceback (sys.last_traceback), and with it that test's
+    tensors: drop it, so one failure does not turn every later case into a memory skip."""
+    sys.last_type = sys.last_value = sys.last_traceback = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    yield
+
+
 @pytest.mark.parametrize("case,backend", TARGETS, ids=IDS)
 def test_over_2_31_elements(case, backend):
     op, s_shape, t_shape, copies, kw, need = case
+    need = need[backend] if isinstance(need, dict) else need
     free, _ = torch.cuda.mem_get_info()
     if free < need:
         pytest.skip(f"needs {need / GiB:.0f} GiB of free GPU memory, {free / GiB:.0f} GiB free")

@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from models import datasets, synthetic
-from models.train import main
+pytest.importorskip("monai", reason="models/ needs the models extra: pip install -e .[models]")
+
+from models import datasets, synthetic  # noqa: E402
+from models.train import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.recipes import RECIPES
-from models.train import main
+pytest.importorskip("monai", reason="models/ needs the models extra: pip install -e .[models]")
+
+from models.recipes import RECIPES  # noqa: E402
+from models.train import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEG_KEYS, CLS_KEYS = {"dice", "iou", "mae", "hd95"}, {"accuracy", "f1"}

@@ -86,6 +86,13 @@ def _power_grad(v, p, P: tl.constexpr):
 
 
 @triton.jit
+def _float_args(scale_h, scale_w, p, ACC: tl.constexpr):
+    """The float arguments in the types the kernels compute in: Triton passes a Python float as
+    float32, but torch.compile (inductor) passes it as float64, which would widen the sums."""
+    return tl.cast(scale_h, tl.float32), tl.cast(scale_w, tl.float32), tl.cast(p, ACC)
+
+
+@triton.jit
 def _taps(o, size, scale):
     """PyTorch bilinear (align_corners=False) taps of output index o: i0, i1, l0, l1 (fp32)."""
     src = scale * (o.to(tl.float32) + 0.5) - 0.5
@@ -135,6 +142,7 @@ def _at_map_kernel(
 ):
     """m[b, n] = (1/C) sum_c |y[b, c, n]|^p over the Ho x Wo grid (N = Ho * Wo)."""
     ACC: tl.constexpr = m_ptr.dtype.element_ty
+    scale_h, scale_w, p = _float_args(scale_h, scale_w, p, ACC)
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -230,6 +238,7 @@ def _at_backward_kernel(
 ):
     """grad_x[b, c, h, w] = g / C * sum_o weight(o, (h, w)) * coeff[b, o] * dpow(y[b, c, o])."""
     ACC: tl.constexpr = coeff_ptr.dtype.element_ty
+    scale_h, scale_w, p = _float_args(scale_h, scale_w, p, ACC)
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)

@@ -1,0 +1,139 @@
+"""Compile every Triton kernel launch the test suite made for a GPU, on a machine without one.
+
+The interpreter (TRITON_INTERPRET=1, how the suite runs Triton here) never compiles a kernel, so a
+kernel that the compiler rejects passes every CPU test and fails on the first GPU. Three such
+failures reached the first GPU session: a float64 loop-carried tl.sum that Triton 3.6 rejects on
+sm_90, an int argument equal to 1 (which Triton specializes into a constexpr) used as a tensor,
+and float arguments typed float64 by torch.compile. So the suite records each distinct launch
+(conftest.py, when KDK_TRITON_LAUNCHES names a file) and this script compiles them for sm_90 with
+the installed Triton: with float arguments as float32 (Triton's JIT) and as float64 (inductor).
+
+    KDK_TRITON_LAUNCHES=build/launches.jsonl pytest tests      # record (scripts/test.sh does)
+    python tests/triton_compile_check.py build/launches.jsonl  # compile; exit 1 on a failure
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# torch dtype name -> Triton pointer element type
+POINTEE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64",
+           "int64": "i64", "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
+
+
+def record_launches(path: str) -> None:
+    """Append each distinct interpreted launch (kernel, argument kinds, constexpr values,
+    num_warps/num_stages) to `path` as a JSON line."""
+    import torch
+    from triton.runtime import interpreter
+
+    seen: set[str] = set()
+    run = interpreter.InterpretedFunction.run
+
+    def kind(v):
+        if isinstance(v, torch.Tensor):
+            return ["tensor", str(v.dtype).removeprefix("torch.")]
+        if isinstance(v, (bool, int, float)) or v is None:
+            return [type(v).__name__, v]
+        return ["repr", repr(v)]
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        values = dict(zip(self.arg_names, args))
+        values.update((k, v) for k, v in kwargs.items() if k in self.arg_names)
+        line = json.dumps({"module": self.fn.__module__, "name": self.fn.__name__,
+                           "options": {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs},
+                           "args": {k: kind(v) for k, v in values.items()}}, sort_keys=True)
+        if line not in seen:
+            seen.add(line)
+            with open(path, "a") as f:
+                f.write(line + "\n")
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    interpreter.InterpretedFunction.run = recording_run
+
+
+def _signature(fn, args: dict, float_type: str) -> tuple[dict, dict]:
+    """(signature, constexprs) of a launch as Triton's JIT specializes it."""
+    import triton.language as tl
+
+    sig, consts = {}, {}
+    for p in fn.params:
+        kind = args.get(p.name)
+        if kind is None:  # left to its default
+            sig[p.name] = "constexpr"
+            consts[p.name] = p.default
+        elif p.is_constexpr:
+            value = kind[1] if len(kind) > 1 else None
+            if kind[0] == "repr":  # a tl.dtype such as triton.language.float32
+                value = getattr(tl, value.rsplit(".", 1)[-1])
+            sig[p.name], consts[p.name] = "constexpr", value
+        elif kind[0] == "tensor":
+            sig[p.name] = "*" + POINTEE[kind[1]]
+        elif kind[0] == "int" and kind[1] == 1 and not p.do_not_specialize:
+            sig[p.name], consts[p.name] = "constexpr", 1  # the JIT's specialization of 1
+        elif kind[0] == "int":
+            sig[p.name] = "i64" if not -2**31 <= kind[1] < 2**31 else "i32"
+        elif kind[0] == "float":
+            sig[p.name] = float_type
+        elif kind[0] == "bool":
+            sig[p.name] = "i1"
+        elif kind[0] == "NoneType":
+            sig[p.name], consts[p.name] = "constexpr", None
+        else:
+            raise ValueError(f"{fn.__name__}: argument {p.name} of unsupported kind {kind}")
+    return sig, consts
+
+
+def compile_one(job: tuple[dict, str, int]) -> str | None:
+    """None if the launch compiles, else a one-line description of the failure."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    launch, float_type, arch = job
+    fn = getattr(importlib.import_module(launch["module"]), launch["name"])
+    while not isinstance(fn, triton.runtime.jit.JITFunction):
+        fn = fn.fn
+    sig, consts = _signature(fn, launch["args"], float_type)
+    try:
+        triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32),
+                       options=launch["options"])
+    except Exception as exc:  # noqa: BLE001 (every compiler error is a finding)
+        lines = [s for s in str(exc).splitlines() if s.strip()]
+        why = next((s for s in reversed(lines) if "error" in s.lower()), lines[-1] if lines else "")
+        typed = ", ".join(f"{k}={consts[k]}" if k in consts else f"{k}: {v}" for k, v in sig.items())
+        return f"{launch['name']}({typed}) [floats {float_type}]: {type(exc).__name__}: {why.strip()[:300]}"
+    return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("launches", type=Path, help="the JSON lines the suite recorded")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90)")
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    launches = [json.loads(line) for line in args.launches.read_text().splitlines()]
+    # float arguments as the JIT passes them, and as torch.compile (inductor) does
+    jobs = [(launch, "fp32", args.arch) for launch in launches]
+    jobs += [(launch, "fp64", args.arch) for launch in launches
+             if any(kind[0] == "float" for kind in launch["args"].values())]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        failures = [f for f in pool.map(compile_one, jobs, chunksize=8) if f]
+    import triton
+
+    print(f"triton_compile_check: Triton {triton.__version__}, sm_{args.arch}: {len(jobs)} launches "
+          f"({len(launches)} recorded), {len(failures)} failed to compile")
+    for failure in failures:
+        print("  " + failure)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kdkernels as kdk
-from helpers import devices, fused_backends, loss_and_grad
+from helpers import devices, fused_backends, loss_and_grad, make_layout
 
 EPS_REGIME = [("channel_relation_loss", {"normalize": "l2", "distance": "mse"}),
               ("channel_relation_loss", {"normalize": "l2", "distance": "kl"}),
@@ -61,20 +61,36 @@ def test_channel_wise_kl_huge_float32_logits(device, channels_last):
 
 
 @pytest.mark.parametrize("backend", fused_backends("channel_wise_kl_loss", "cpu"))
-@pytest.mark.xfail(strict=True, reason="known, not fixed: the fused CWD loss of a far row is "
-                   "(m_s - m_t) + log(z_s / z_t) - E[d], whose terms round apart by ~eps |F / tau|")
 def test_channel_wise_kl_huge_float32_loss_of_zero(backend):
     """Found by the fuzzer once its float32 CWD features reached 1e6: with one pixel per channel
-    the KL is exactly 0, but the kernels' far-row form subtracts E[d] = d (rounded in float32)
-    from m_s - m_t (the rounded products, in float64): 1e-3 instead of 0. The fix is a
-    far-row accumulator of e_t ((x_t / tau - m_t) - (x_s / tau - m_s)), rescaled as the maxima
-    grow, so that the large terms never meet."""
+    the KL is exactly 0, but the kernels' far-row form (m_s - m_t) + log(z_s / z_t) - E[d]
+    subtracted E[d] = d (rounded in float32) from m_s - m_t (the rounded products, in float64):
+    1e-3 instead of 0. Far rows now sum e_t ((x_t / tau - m_t) - (x_s / tau - m_s)), rescaled as
+    the maxima grow, so that the large terms never meet."""
     g = torch.Generator().manual_seed(4)
     fs = torch.randn(7, 31, 1, 1, generator=g) * 1e6
     ft = torch.randn(7, 31, 1, 1, generator=g) * 1e6
     loss = kdk.channel_wise_kl_loss(fs, ft, tau=0.5, backend=backend)
     assert kdk.channel_wise_kl_loss(fs, ft, tau=0.5, backend="torch") == 0
     assert abs(loss.item()) <= 1e-6
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("backend", fused_backends("channel_wise_kl_loss", "cpu"))
+def test_channel_wise_kl_far_rows_rising_maxima(backend, layout):
+    """The far-row sum e_t (u_t - u_s) is re-based each time a running maximum grows: rows whose
+    values rise along the pixels (a new maximum in every chunk, tile and split), student and
+    teacher rising at different rates (far rows), in float64 against the reference."""
+    g = torch.Generator().manual_seed(11)
+    ramp = torch.linspace(0, 1, 61 * 67, dtype=torch.float64).view(1, 1, 61, 67)
+    ft = 40 * ramp * torch.rand(3, 5, 1, 1, generator=g, dtype=torch.float64) \
+        + 0.5 * torch.randn(3, 5, 61, 67, generator=g, dtype=torch.float64)
+    fs = 25 * ramp + torch.randn(3, 5, 61, 67, generator=g, dtype=torch.float64)
+    fs, ft = make_layout(fs, layout), make_layout(ft, layout)
+    ref, ref_grad = loss_and_grad(kdk.reference.channel_wise_kl_loss, fs, ft, tau=0.5)
+    loss, grad = loss_and_grad(kdk.channel_wise_kl_loss, fs, ft, tau=0.5, backend=backend)
+    assert abs(loss.item() - ref.item()) <= 1e-12 * ref.item()
+    assert (grad - ref_grad).abs().max() <= 1e-12 * ref_grad.abs().max()
 
 
 @pytest.mark.parametrize("device", devices())

@@ -23,7 +23,10 @@
 // (exact for close values, then one rounding) and phi(d) = e^d - 1 - d (its Taylor series):
 //   KL = log E_pt[e^d] - E_pt[d] = E_pt[phi(d)] + (log1p(u) - u),  u = E_pt[e^d - 1],
 // a sum of non-negative O(d^2) terms plus a double-precision correction. It is used when every
-// |d| <= 1 in the row; other rows (far from the teacher) use lse_s - lse_t - E_pt[d]. The
+// |d| <= 1 in the row; other rows (far from the teacher) use, with u = F / tau - m,
+//   KL = E_pt[u_t - u_s] + log z_s - log z_t,
+// whose terms stay small where the features are huge (lse_s - lse_t - E_pt[d] has terms that
+// round apart by ~eps |F / tau|: 1e-3 instead of 0 at features of 1e6). The
 // backward likewise takes p_s - p_t = p_t expm1(x), x = d - delta, by the series where
 // |x|, |d| <= 1.
 //
@@ -147,26 +150,29 @@ struct RowAcc {
   T dmax;         // max |d| so far
   double zs, zt;  // sum e_s, sum e_t   (e = exp(x / tau - running max))
   double a, p;    // sum e_t d, sum e_t phi(d)
+  double q;       // sum e_t (u_t - u_s), u = x / tau - running max
 };
 
 // The same for kLanes rows, one per lane.
 template <typename T>
 struct LaneAcc {
   T ms[kLanes], mt[kLanes], dmax[kLanes];
-  double zs[kLanes], zt[kLanes], a[kLanes], p[kLanes];
-  RowAcc<T> row(int64_t l) const { return {ms[l], mt[l], dmax[l], zs[l], zt[l], a[l], p[l]}; }
+  double zs[kLanes], zt[kLanes], a[kLanes], p[kLanes], q[kLanes];
+  RowAcc<T> row(int64_t l) const {
+    return {ms[l], mt[l], dmax[l], zs[l], zt[l], a[l], p[l], q[l]};
+  }
   void init() {
     std::fill(ms, ms + kLanes, -std::numeric_limits<T>::infinity());
     std::fill(mt, mt + kLanes, -std::numeric_limits<T>::infinity());
     std::fill(dmax, dmax + kLanes, T(0));
-    for (double* x : {zs, zt, a, p}) std::fill(x, x + kLanes, 0.0);
+    for (double* x : {zs, zt, a, p, q}) std::fill(x, x + kLanes, 0.0);
   }
 };
 
 template <typename T>
 RowAcc<T> row_init() {
   const T ninf = -std::numeric_limits<T>::infinity();
-  return {ninf, ninf, T(0), 0.0, 0.0, 0.0, 0.0};
+  return {ninf, ninf, T(0), 0.0, 0.0, 0.0, 0.0, 0.0};
 }
 
 // Online softmax: sums taken against an older, smaller maximum are rescaled to the new one.
@@ -180,16 +186,32 @@ KDK_ALWAYS_INLINE void raise_max(T m_chunk, T& m, std::initializer_list<double*>
   }
 }
 
+// Both running maxima raised to a chunk's: sum e_t (u_t - u_s) first, since each u drops by its
+// maximum's raise (while z_t is still against the old m_t; nothing summed yet leaves it 0).
+template <typename T>
+KDK_ALWAYS_INLINE void raise_maxima(T ms_chunk, T mt_chunk, T& ms, T& mt, double& zs, double& zt,
+                                    double& a, double& p, double& q) {
+  if (zt > 0) {
+    const double up_s = ms_chunk > ms ? static_cast<double>(ms_chunk) - static_cast<double>(ms) : 0.0;
+    const double up_t = mt_chunk > mt ? static_cast<double>(mt_chunk) - static_cast<double>(mt) : 0.0;
+    q += (up_s - up_t) * zt;
+  }
+  raise_max(ms_chunk, ms, {&zs});
+  raise_max(mt_chunk, mt, {&zt, &a, &p, &q});
+}
+
 // One element's contributions, against the running maxima ms, mt.
 template <typename T>
-KDK_ALWAYS_INLINE void element(T xs, T xt, T inv_tau, T ms, T mt, T& zs, T& zt, T& a, T& p,
+KDK_ALWAYS_INLINE void element(T xs, T xt, T inv_tau, T ms, T mt, T& zs, T& zt, T& a, T& p, T& q,
                                T& dmax) {
-  const T es = rel::exp_acc(xs * inv_tau - ms);
-  const T et = rel::exp_acc(xt * inv_tau - mt);
+  const T us = xs * inv_tau - ms, ut = xt * inv_tau - mt;
+  const T es = rel::exp_acc(us);
+  const T et = rel::exp_acc(ut);
   const T d = (xs - xt) * inv_tau;  // exact difference for close values, then one rounding
   zs += es;
   zt += et;
   a += et * d;
+  q += et * (ut - us);
   // phi only matters in rows where every |d| <= 1; elsewhere any finite value will do.
   p += et * rel::phi_small(rel::clamp_unit(d));
   dmax = rel::max_nan_last(std::abs(d), dmax);
@@ -215,18 +237,19 @@ KDK_ALWAYS_INLINE void row_update(RowAcc<T>& s, const T* xs, const T* xt, int64_
     ms[0] = rel::max_nan_last(ms[l], ms[0]);
     mt[0] = rel::max_nan_last(mt[l], mt[0]);
   }
-  raise_max(ms[0] * inv_tau, s.ms, {&s.zs});
-  raise_max(mt[0] * inv_tau, s.mt, {&s.zt, &s.a, &s.p});
-  T zs[L] = {}, zt[L] = {}, a[L] = {}, p[L] = {}, dmax[L] = {};
+  raise_maxima(ms[0] * inv_tau, mt[0] * inv_tau, s.ms, s.mt, s.zs, s.zt, s.a, s.p, s.q);
+  T zs[L] = {}, zt[L] = {}, a[L] = {}, p[L] = {}, q[L] = {}, dmax[L] = {};
   for (j = 0; j + L <= n; j += L)
     for (int l = 0; l < L; ++l)
-      element(xs[j + l], xt[j + l], inv_tau, s.ms, s.mt, zs[l], zt[l], a[l], p[l], dmax[l]);
-  for (; j < n; ++j) element(xs[j], xt[j], inv_tau, s.ms, s.mt, zs[0], zt[0], a[0], p[0], dmax[0]);
+      element(xs[j + l], xt[j + l], inv_tau, s.ms, s.mt, zs[l], zt[l], a[l], p[l], q[l], dmax[l]);
+  for (; j < n; ++j)
+    element(xs[j], xt[j], inv_tau, s.ms, s.mt, zs[0], zt[0], a[0], p[0], q[0], dmax[0]);
   for (int l = 0; l < L; ++l) {
     s.zs += zs[l];
     s.zt += zt[l];
     s.a += a[l];
     s.p += p[l];
+    s.q += q[l];
     s.dmax = rel::max_nan_last(dmax[l], s.dmax);
   }
 }
@@ -243,20 +266,20 @@ KDK_ALWAYS_INLINE void lanes_update(LaneAcc<T>& s, const T* xs, const T* xt, int
       ms[l] = rel::max_nan_last(xs[i * L + l], ms[l]);
       mt[l] = rel::max_nan_last(xt[i * L + l], mt[l]);
     }
-  for (int l = 0; l < L; ++l) {
-    raise_max(ms[l] * inv_tau, s.ms[l], {&s.zs[l]});
-    raise_max(mt[l] * inv_tau, s.mt[l], {&s.zt[l], &s.a[l], &s.p[l]});
-  }
-  T zs[L] = {}, zt[L] = {}, a[L] = {}, p[L] = {}, dmax[L] = {};
+  for (int l = 0; l < L; ++l)
+    raise_maxima(ms[l] * inv_tau, mt[l] * inv_tau, s.ms[l], s.mt[l], s.zs[l], s.zt[l], s.a[l],
+                 s.p[l], s.q[l]);
+  T zs[L] = {}, zt[L] = {}, a[L] = {}, p[L] = {}, q[L] = {}, dmax[L] = {};
   for (int64_t i = 0; i < n; ++i)
     for (int l = 0; l < L; ++l)
       element(xs[i * L + l], xt[i * L + l], inv_tau, s.ms[l], s.mt[l], zs[l], zt[l], a[l], p[l],
-              dmax[l]);
+              q[l], dmax[l]);
   for (int l = 0; l < L; ++l) {
     s.zs[l] += zs[l];
     s.zt[l] += zt[l];
     s.a[l] += a[l];
     s.p[l] += p[l];
+    s.q[l] += q[l];
     s.dmax[l] = rel::max_nan_last(dmax[l], s.dmax[l]);
   }
 }
@@ -296,7 +319,7 @@ double row_finish(const RowAcc<T>& s, T* stats) {
     kl = s.p / s.zt + (delta - u);
   } else {
     delta = (static_cast<double>(s.ms) - static_cast<double>(s.mt)) + (log_zs - log_zt);
-    kl = delta - s.a / s.zt;
+    kl = s.q / s.zt + (log_zs - log_zt);
   }
   stats[kMt] = s.mt;
   stats[kLogZt] = static_cast<T>(log_zt);

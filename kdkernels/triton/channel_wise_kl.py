@@ -7,8 +7,9 @@ loss = tau^2 / (B C) * sum_rows KL(p_t || p_s). Same math and saved statistics a
 * forward, grid (channel blocks, splits of N, B): a program streams [BLOCK_C, BLOCK_N] tiles of
   fs and ft through their strides over its share of the row's pixels, with an online softmax
   per row (tile maximum, accumulator tiles rescaled when it grows): per lane sums of e_s, e_t,
-  e_t d, e_t phi(d) and max |d|, reduced over the lanes at the end into a (split, B, C, 7)
-  buffer (m_s, m_t, sum e_s, sum e_t, sum e_t d, sum e_t phi(d), max |d|). One read of fs, ft.
+  e_t d, e_t phi(d), e_t (u_t - u_s) (u = F / tau - m, see the CPU kernel's far rows) and
+  max |d|, reduced over the lanes at the end into a (split, B, C, 8) buffer (m_s, m_t, sum e_s,
+  sum e_t, sum e_t d, sum e_t phi(d), max |d|, sum e_t (u_t - u_s)). One read of fs, ft.
 * finish, grid (row blocks,): merges the splits of each row in split order, in float64, into
   stats (B, C, 5) = (m_t, log z_t, m_s, log z_s, delta = lse_s - lse_t) and the row's KL (the
   maximum and log-sum kept apart as on the CPU: lse = m + log z rounded to float32 would move
@@ -97,6 +98,14 @@ def _phi_clamped(d):
 
 
 @triton.jit
+def _shift_q(q, z_t, up_s, up_t, alpha_t):
+    """sum e_t (u_t - u_s) re-expressed against maxima raised by up_s and up_t (alpha_t =
+    exp(-up_t)): each u drops by its raise and each e_t scales by alpha_t. z_t = 0 (nothing
+    summed yet, the maxima may still be -inf) leaves it 0."""
+    return tl.where(z_t > 0, alpha_t * (q + (up_s - up_t) * z_t), 0.0)
+
+
+@triton.jit
 def _cwd_fwd_kernel(
     s_ptr, t_ptr, inv_tau_ptr, part_ptr,
     C, N, W, chunk,
@@ -121,6 +130,7 @@ def _cwd_fwd_kernel(
     z_t = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC)
     a = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC)  # e_t d
     p = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC)  # e_t phi(d)
+    q = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC)  # e_t (u_t - u_s)
     dmax = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC)
     start = split * chunk
     end = tl.minimum(start + chunk, N)
@@ -138,6 +148,7 @@ def _cwd_fwd_kernel(
         new_t = tl.maximum(m_t, tl.max(tl.where(mask, zt, float("-inf")), axis=1))
         alpha_s = tl.exp(m_s - new_s)[:, None]
         alpha_t = tl.exp(m_t - new_t)[:, None]
+        q = _shift_q(q, z_t, (new_s - m_s)[:, None], (new_t - m_t)[:, None], alpha_t)
         m_s = new_s
         m_t = new_t
         e_s = tl.where(mask, tl.exp(zs - m_s[:, None]), 0.0)
@@ -147,8 +158,9 @@ def _cwd_fwd_kernel(
         z_t = z_t * alpha_t + e_t
         a = a * alpha_t + e_t * d
         p = p * alpha_t + e_t * _phi_clamped(d)
+        q += tl.where(mask, e_t * ((zt - m_t[:, None]) - (zs - m_s[:, None])), 0.0)
         dmax = tl.maximum(dmax, tl.abs(d))
-    out = part_ptr + ((split * tl.num_programs(2) + b) * C + c) * 7
+    out = part_ptr + ((split * tl.num_programs(2) + b) * C + c) * 8
     tl.store(out + 0, m_s, mask=mask_c)
     tl.store(out + 1, m_t, mask=mask_c)
     tl.store(out + 2, tl.sum(z_s, axis=1), mask=mask_c)
@@ -156,6 +168,7 @@ def _cwd_fwd_kernel(
     tl.store(out + 4, tl.sum(a, axis=1), mask=mask_c)
     tl.store(out + 5, tl.sum(p, axis=1), mask=mask_c)
     tl.store(out + 6, tl.max(dmax, axis=1), mask=mask_c)
+    tl.store(out + 7, tl.sum(q, axis=1), mask=mask_c)
 
 
 # rows: Triton specializes an int argument equal to 1 into a constexpr, which has no .to (B * C = 1).
@@ -173,8 +186,9 @@ def _cwd_finish_kernel(part_ptr, stats_ptr, kl_ptr, rows, splits, BLOCK: tl.cons
     a = tl.zeros([BLOCK], dtype=tl.float64)
     p = tl.zeros([BLOCK], dtype=tl.float64)
     dmax = tl.zeros([BLOCK], dtype=tl.float64)
+    q = tl.zeros([BLOCK], dtype=tl.float64)
     for split in range(0, splits):
-        src = part_ptr + (split * rows64 + r) * 7
+        src = part_ptr + (split * rows64 + r) * 8
         ms = tl.load(src + 0, mask=mask, other=0.0).to(tl.float64)
         mt = tl.load(src + 1, mask=mask, other=0.0).to(tl.float64)
         new_s = tl.maximum(m_s, ms)
@@ -183,8 +197,12 @@ def _cwd_finish_kernel(part_ptr, stats_ptr, kl_ptr, rows, splits, BLOCK: tl.cons
         f_t = tl.exp(mt - new_t)
         g_s = tl.exp(m_s - new_s)
         g_t = tl.exp(m_t - new_t)
+        zt_k = tl.load(src + 3, mask=mask, other=1.0).to(tl.float64)
+        q_k = tl.load(src + 7, mask=mask, other=0.0).to(tl.float64)
+        q = _shift_q(q, z_t, new_s - m_s, new_t - m_t, g_t) + \
+            _shift_q(q_k, zt_k, new_s - ms, new_t - mt, f_t)
         z_s = z_s * g_s + tl.load(src + 2, mask=mask, other=1.0).to(tl.float64) * f_s
-        z_t = z_t * g_t + tl.load(src + 3, mask=mask, other=1.0).to(tl.float64) * f_t
+        z_t = z_t * g_t + zt_k * f_t
         a = a * g_t + tl.load(src + 4, mask=mask, other=0.0).to(tl.float64) * f_t
         p = p * g_t + tl.load(src + 5, mask=mask, other=0.0).to(tl.float64) * f_t
         dmax = tl.maximum(dmax, tl.load(src + 6, mask=mask, other=0.0).to(tl.float64))
@@ -197,7 +215,9 @@ def _cwd_finish_kernel(part_ptr, stats_ptr, kl_ptr, rows, splits, BLOCK: tl.cons
     u = tl.where(near, (a + p) / z_t, 0.0)  # (far rows: u < -1 is possible and unused)
     l1m = _log1p_minus_x(u)
     delta = tl.where(near, l1m + u, (m_s - m_t) + (log_zs - log_zt))
-    kl = tl.where(near, p / z_t + l1m, delta - a / z_t)
+    # Far rows: E[u_t - u_s] + log z_s - log z_t, whose terms stay small where the features are
+    # huge ((m_s - m_t) - E[d] rounds apart by ~eps |F / tau|).
+    kl = tl.where(near, p / z_t + l1m, q / z_t + (log_zs - log_zt))
     row = stats_ptr + 5 * r
     tl.store(row + 0, _cast_for(m_t, stats_ptr), mask=mask)
     tl.store(row + 1, _cast_for(log_zt, stats_ptr), mask=mask)
@@ -268,7 +288,7 @@ def _channel_wise_kl_fwd(
     splits = max(1, min(triton.cdiv(N, block_n), _TARGET_PROGRAMS // row_blocks))
     chunk = triton.cdiv(triton.cdiv(N, splits), block_n) * block_n
     splits = triton.cdiv(N, chunk)
-    part = torch.empty((splits, B, C, 7), dtype=acc, device=fs.device)
+    part = torch.empty((splits, B, C, 8), dtype=acc, device=fs.device)
     inv_tau = _scalar(1.0 / tau, fs, acc)
     sB, sC, sH, sW, sN, sflat = _strides(fs)
     tB, tC, tH, tW, tN, tflat = _strides(ft)

@@ -27,12 +27,18 @@ POINTEE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": 
            "int64": "i64", "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
 
 
+UNRECORDED_RUN = None  # the interpreter's own launch, before any recording wrapped it
+
+
 def record_launches(path: str) -> None:
     """Append each distinct interpreted launch (kernel, argument kinds, constexpr values,
     num_warps/num_stages) to `path` as a JSON line."""
+    global UNRECORDED_RUN
     import torch
     from triton.runtime import interpreter
 
+    if UNRECORDED_RUN is None:
+        UNRECORDED_RUN = interpreter.InterpretedFunction.run
     seen: set[str] = set()
     run = interpreter.InterpretedFunction.run
 

@@ -19,7 +19,7 @@
 # steps that would start with less than a minute of the budget left are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-COMMIT=${1:?usage: gpu_session.sh COMMIT [BUDGET_SECONDS] [main|more]}
+COMMIT=${1:?usage: gpu_session.sh COMMIT [BUDGET_SECONDS] [main|verify|more]}
 BUDGET=${2:-540}
 PHASE=${3:-main}
 PY=${PYTHON:-python3}

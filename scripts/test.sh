@@ -18,5 +18,5 @@ export KDK_TRITON_LAUNCHES=build/triton_launches.jsonl
 mkdir -p build && rm -f "$KDK_TRITON_LAUNCHES"
 .venv/bin/python -m pytest -q "$@"
 if [ -s "$KDK_TRITON_LAUNCHES" ]; then
-  .venv/bin/python tests/triton_compile_check.py "$KDK_TRITON_LAUNCHES" --jobs "${MAX_JOBS:-2}" 2>/dev/null
+  .venv/bin/python tests/triton_compile_check.py "$KDK_TRITON_LAUNCHES" --jobs "${MAX_JOBS:-2}"
 fi

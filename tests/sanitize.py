@@ -55,8 +55,10 @@ def summary(log: str) -> tuple[int, int]:
     return errors + sum(int(e) for e, _ in race), sum(int(w) for _, w in race)
 
 
-def run_one(sanitizer: str, tool: str, target: str, timeout: float) -> dict:
-    cmd = [sanitizer, "--tool", tool, "--target-processes", "all", "--print-limit", "50", *TARGETS[target]]
+def run_one(sanitizer: str, tool: str, target: str, timeout: float, ops: list[str]) -> dict:
+    workload_ops = ops if target == "workload" else []
+    cmd = [sanitizer, "--tool", tool, "--target-processes", "all", "--print-limit", "50",
+           *TARGETS[target], *workload_ops]
     # One device allocation per tensor: the caching allocator would hide overruns inside its blocks.
     env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1", PYTHONUNBUFFERED="1")
     start = time.monotonic()
@@ -92,8 +94,7 @@ def main() -> int:
     parser.add_argument("--commit", help="the commit checked (default: git rev-parse HEAD)")
     parser.add_argument("--ops", help="comma-separated ops for the workload target (default: all)")
     args = parser.parse_args()
-    if args.ops:
-        TARGETS["workload"] = TARGETS["workload"] + args.ops.split(",")
+    ops = args.ops.split(",") if args.ops else []
     tools, targets = args.tools.split(","), args.targets.split(",")
     if not set(tools) <= set(TOOLS) or not set(targets) <= set(TARGETS):
         parser.error(f"tools are {', '.join(TOOLS)}; targets are {', '.join(TARGETS)}")
@@ -111,7 +112,7 @@ def main() -> int:
     runs = []
     for tool in tools:
         for target in targets:
-            run = run_one(sanitizer, tool, target, args.timeout)
+            run = run_one(sanitizer, tool, target, args.timeout, ops)
             if run["unsupported_device"]:
                 print(f"sanitize: skipped, {sanitizer} does not support this device (gVisor?)")
                 return SKIPPED
@@ -124,7 +125,7 @@ def main() -> int:
     device = torch.cuda.get_device_name()
     version = subprocess.run([sanitizer, "--version"], capture_output=True, text=True).stdout.strip()
     record = {"date": now.isoformat(timespec="seconds"), "commit": commit(args.commit), "device": device,
-              "ops": args.ops.split(",") if args.ops else "all", "torch": torch.__version__, "cuda": torch.version.cuda,
+              "ops": ops or "all", "torch": torch.__version__, "cuda": torch.version.cuda,
               "triton": _version("triton"), "sanitizer": version.splitlines()[-1] if version else "",
               "clean": all(r["clean"] for r in runs), "runs": runs}
     RECORDS.mkdir(exist_ok=True)

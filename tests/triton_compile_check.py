@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -96,6 +97,14 @@ def _signature(fn, args: dict, float_type: str) -> tuple[dict, dict]:
     return sig, consts
 
 
+def _quiet_worker() -> None:
+    """A rejected kernel makes the compiler dump its MLIR to stderr; the one-line reports
+    suffice, so the workers (not this process: its own errors stay visible) write it nowhere."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+
 def compile_one(job: tuple[dict, str, int]) -> str | None:
     """None if the launch compiles, else a one-line description of the failure."""
     import triton
@@ -130,7 +139,7 @@ def main() -> int:
     jobs = [(launch, "fp32", args.arch) for launch in launches]
     jobs += [(launch, "fp64", args.arch) for launch in launches
              if any(kind[0] == "float" for kind in launch["args"].values())]
-    with ProcessPoolExecutor(args.jobs) as pool:
+    with ProcessPoolExecutor(args.jobs, initializer=_quiet_worker) as pool:
         failures = [f for f in pool.map(compile_one, jobs, chunksize=8) if f]
     import triton
 

@@ -6,8 +6,9 @@ _cast_for (rounding conversion for a store), _pixel_offsets (element offsets of 
 indices through the H/W strides), _mm (a tile matrix product in the accumulation type, see its
 docstring for the precision per dtype), _gram_kernel (split-K Gram matrices over the pixels,
 shared by the channel and pixel relations).
-Host helpers: _acc_dtype, _flat, _strides, _scalar, _pow2, _gram, _define_op (triton_op on the
-GPU, custom_op under TRITON_INTERPRET=1).
+Host helpers: _acc_dtype, _flat, _strides, _scalar, _pow2, _batch_chunks (the launches of a
+batch too long for one grid axis), _gram, _define_op (triton_op on the GPU, custom_op under
+TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -206,6 +207,19 @@ def _log1p_minus_x(v):
     return tl.where(tl.abs(v) < 0.1, v * v * q, tl.log(1.0 + v) - v)
 
 
+# CUDA runs at most 65535 programs along grid axes 1 and 2 (2^31 - 1 along axis 0); a launch past
+# that fails with "invalid argument" (triton-lang/triton#3299). Kernels with the batch (or the
+# maps) on axis 1 or 2 take the index of their first entry and are launched per chunk of it.
+_GRID_YZ_MAX = 65535
+
+
+def _batch_chunks(n) -> list[tuple[int, int]]:
+    """(first, count) launches that cover n batch entries, at most _GRID_YZ_MAX each."""
+    if n <= _GRID_YZ_MAX:  # a guard, not a specialisation, where torch.compile makes n symbolic
+        return [(0, n)]
+    return [(b0, min(_GRID_YZ_MAX, n - b0)) for b0 in range(0, n, _GRID_YZ_MAX)]
+
+
 # Split-K: the pixel range is cut into equal chunks so that about this many programs run; the
 # per-split partial Grams are then summed in a fixed order (deterministic, no atomics). A fixed
 # target (not the SM count) keeps the summation order, hence the bits, device-independent.
@@ -216,7 +230,7 @@ GRAM_RAW, GRAM_SOFTMAX_ROWS, GRAM_PIXEL_NORM = 0, 1, 2
 @triton.jit
 def _gram_kernel(
     x_ptr, y_ptr, xs_ptr, ys_ptr, tau_ptr, out_ptr,
-    C1, C2, N, W, chunk,
+    B, b0, C1, C2, N, W, chunk,
     xB, xC, xH, xW, xN,
     yB, yC, yH, yW, yN,
     MODE: tl.constexpr, XFLAT: tl.constexpr, YFLAT: tl.constexpr,
@@ -232,7 +246,7 @@ def _gram_kernel(
     ACC: tl.constexpr = out_ptr.dtype.element_ty
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    b = (tl.program_id(2) + b0).to(tl.int64)
     tiles2 = tl.cdiv(C2, BC2)
     c1 = (pid // tiles2) * BC1 + tl.arange(0, BC1)
     c2 = (pid % tiles2) * BC2 + tl.arange(0, BC2)
@@ -263,7 +277,7 @@ def _gram_kernel(
             x = x.to(ACC) * inv_x[None, :]
             y = y.to(ACC) * inv_y[:, None]
         acc = _mm(x, y, acc)
-    out = out_ptr + ((split * tl.num_programs(2) + b) * C1 + c1[:, None]) * C2 + c2[None, :]
+    out = out_ptr + ((split * B + b) * C1 + c1[:, None]) * C2 + c2[None, :]
     tl.store(out, acc, mask=m1[:, None] & m2[None, :])
 
 
@@ -285,12 +299,13 @@ def _gram(x, y, xs, ys, mode: int, acc: torch.dtype, tau=None) -> torch.Tensor:
     partial = torch.empty((split, B, C1, C2), dtype=acc, device=x.device)
     xB, xC, xH, xW, xN, xflat = _strides(x)
     yB, yC, yH, yW, yN, yflat = _strides(y)
-    wrap_triton(_gram_kernel)[(tiles, split, B)](
-        x, y, xs, ys, xs if tau is None else tau, partial,
-        C1, C2, N, W, chunk,
-        xB, xC, xH, xW, xN,
-        yB, yC, yH, yW, yN,
-        MODE=mode, XFLAT=xflat, YFLAT=yflat, BC1=bc1, BC2=bc2, BK=bk,
-        num_warps=_GRAM_WARPS[acc == torch.float64],
-    )
+    for b0, nb in _batch_chunks(B):
+        wrap_triton(_gram_kernel)[(tiles, split, nb)](
+            x, y, xs, ys, xs if tau is None else tau, partial,
+            B, b0, C1, C2, N, W, chunk,
+            xB, xC, xH, xW, xN,
+            yB, yC, yH, yW, yN,
+            MODE=mode, XFLAT=xflat, YFLAT=yflat, BC1=bc1, BC2=bc2, BK=bk,
+            num_warps=_GRAM_WARPS[acc == torch.float64],
+        )
     return partial.sum(0)

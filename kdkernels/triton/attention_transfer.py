@@ -34,6 +34,7 @@ from torch.library import wrap_triton
 from kdkernels.triton._common import (
     _EPS,
     _acc_dtype,
+    _batch_chunks,
     _define_op,
     _div,
     _flat,
@@ -134,7 +135,7 @@ def _sample(base, coff, mask, h0, h1, w0, w1, lh0, lh1, lw0, lw1, sH, sW, ACC: t
 @triton.jit
 def _at_map_kernel(
     x_ptr, m_ptr,
-    C, H, W, Wo, N,
+    b0, C, H, W, Wo, N,
     sB, sC, sH, sW, sN,
     scale_h, scale_w, p,
     P: tl.constexpr, RESIZE: tl.constexpr, FLAT: tl.constexpr,
@@ -144,7 +145,7 @@ def _at_map_kernel(
     ACC: tl.constexpr = m_ptr.dtype.element_ty
     scale_h, scale_w, p = _float_args(scale_h, scale_w, p, ACC)
     pid_n = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    b = (tl.program_id(1) + b0).to(tl.int64)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = n < N
     base = x_ptr + b * sB
@@ -229,7 +230,7 @@ def _at_finalize_kernel(
 @triton.jit
 def _at_backward_kernel(
     g_ptr, x_ptr, coeff_ptr, gx_ptr,
-    C, H, W, Ho, Wo,
+    b0, C, H, W, Ho, Wo,
     sB, sC, sH, sW, sN,
     gB, gC, gH, gW, gN,
     scale_h, scale_w, win_h, win_w, p,
@@ -241,7 +242,7 @@ def _at_backward_kernel(
     scale_h, scale_w, p = _float_args(scale_h, scale_w, p, ACC)
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    b = (tl.program_id(2) + b0).to(tl.int64)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input pixels
     mask_n = n < H * W
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -315,13 +316,14 @@ def _launch_map(x: torch.Tensor, m: torch.Tensor, p: float, power: int) -> None:
     scale_w = _resize_params(W, Wo)[0] if resize else 1.0
     flat, s_n = _flat(x)
     block_c, block_n = _tile(x)
-    wrap_triton(_at_map_kernel)[(triton.cdiv(N, block_n), B)](
-        x, m, C, H, W, Wo, N,
-        x.stride(0), x.stride(1), x.stride(2), x.stride(3), s_n,
-        scale_h, scale_w, p,
-        P=power, RESIZE=resize, FLAT=flat, BLOCK_C=block_c, BLOCK_N=block_n,
-        num_warps=_NUM_WARPS,
-    )
+    for b0, nb in _batch_chunks(B):
+        wrap_triton(_at_map_kernel)[(triton.cdiv(N, block_n), nb)](
+            x, m, b0, C, H, W, Wo, N,
+            x.stride(0), x.stride(1), x.stride(2), x.stride(3), s_n,
+            scale_h, scale_w, p,
+            P=power, RESIZE=resize, FLAT=flat, BLOCK_C=block_c, BLOCK_N=block_n,
+            num_warps=_NUM_WARPS,
+        )
 
 
 _DENOM = {"mean": lambda b, n: b * n, "batchmean": lambda b, n: b, "sum": lambda b, n: 1}
@@ -366,16 +368,17 @@ def _attention_transfer_bwd(
     flat, s_n = _flat(fs)
     gflat, g_n = _flat(gx)
     block_c, block_n = _tile(fs)
-    grid = (triton.cdiv(H * W, block_n), triton.cdiv(C, block_c), B)
-    wrap_triton(_at_backward_kernel)[grid](
-        grad, fs, coeff, gx,
-        C, H, W, Ho, Wo,
-        fs.stride(0), fs.stride(1), fs.stride(2), fs.stride(3), s_n,
-        gx.stride(0), gx.stride(1), gx.stride(2), gx.stride(3), g_n,
-        scale_h, scale_w, win_h, win_w, p,
-        P=_power_kind(p), RESIZE=resize, FLAT=flat, GFLAT=gflat,
-        BLOCK_C=block_c, BLOCK_N=block_n, num_warps=_NUM_WARPS,
-    )
+    tiles = (triton.cdiv(H * W, block_n), triton.cdiv(C, block_c))
+    for b0, nb in _batch_chunks(B):
+        wrap_triton(_at_backward_kernel)[(*tiles, nb)](
+            grad, fs, coeff, gx,
+            b0, C, H, W, Ho, Wo,
+            fs.stride(0), fs.stride(1), fs.stride(2), fs.stride(3), s_n,
+            gx.stride(0), gx.stride(1), gx.stride(2), gx.stride(3), g_n,
+            scale_h, scale_w, win_h, win_w, p,
+            P=_power_kind(p), RESIZE=resize, FLAT=flat, GFLAT=gflat,
+            BLOCK_C=block_c, BLOCK_N=block_n, num_warps=_NUM_WARPS,
+        )
     return gx
 
 

@@ -36,6 +36,7 @@ from kdkernels.triton._common import (
     GRAM_RAW,
     GRAM_SOFTMAX_ROWS,
     _acc_dtype,
+    _batch_chunks,
     _cast_for,
     _define_op,
     _div,
@@ -72,7 +73,7 @@ _DISTANCE = ("mse", "kl")
 @triton.jit
 def _softmax_stats_kernel(
     x_ptr, tau_ptr, stats_ptr,
-    C, N, W,
+    b0, C, N, W,
     sB, sC, sH, sW, sN,
     FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -80,7 +81,7 @@ def _softmax_stats_kernel(
     ACC: tl.constexpr = stats_ptr.dtype.element_ty
     tau = tl.load(tau_ptr)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    b = tl.program_id(1).to(tl.int64)
+    b = (tl.program_id(1) + b0).to(tl.int64)
     mask_c = c < C
     base = x_ptr + b * sB + (c.to(tl.int64) * sC)[:, None]
     m = tl.full([BLOCK_C], float("-inf"), ACC)
@@ -118,7 +119,7 @@ def _normalized_rows(x, mask, stats_ptr, row, mask_row, tau, SOFTMAX: tl.constex
 @triton.jit
 def _cr_backward_kernel(
     m_ptr, dot_ptr, stats_ptr, tau_ptr, x_ptr, gx_ptr,
-    C, N, W,
+    b0, C, N, W,
     sB, sC, sH, sW, sN,
     gB, gC, gH, gW, gN,
     SOFTMAX: tl.constexpr, FLAT: tl.constexpr, GFLAT: tl.constexpr,
@@ -129,7 +130,7 @@ def _cr_backward_kernel(
     tau = tl.load(tau_ptr)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    b = tl.program_id(2).to(tl.int64)
+    b = (tl.program_id(2) + b0).to(tl.int64)
     mask_n = n < N
     mask_co = co < C
     off = _pixel_offsets(n, W, sH, sW, sN, FLAT)
@@ -177,10 +178,11 @@ def _softmax_stats(x: torch.Tensor, tau: torch.Tensor, acc: torch.dtype) -> torc
     stats = torch.empty((B, C, 2), dtype=acc, device=x.device)
     sB, sC, sH, sW, sN, flat = _strides(x)
     block_c, block_n = _STATS_BLOCK
-    wrap_triton(_softmax_stats_kernel)[(triton.cdiv(C, block_c), B)](
-        x, tau, stats, C, H * W, W, sB, sC, sH, sW, sN,
-        FLAT=flat, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=_NUM_WARPS,
-    )
+    for b0, nb in _batch_chunks(B):
+        wrap_triton(_softmax_stats_kernel)[(triton.cdiv(C, block_c), nb)](
+            x, tau, stats, b0, C, H * W, W, sB, sC, sH, sW, sN,
+            FLAT=flat, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=_NUM_WARPS,
+        )
     return stats
 
 
@@ -270,16 +272,17 @@ def _channel_relation_bwd(
         block_co, block_k = _pow2(C, 16, max_co), _pow2(C, 16, max_k)
     sB, sC, sH, sW, sN, flat = _strides(fs)
     gB, gC, gH, gW, gN, gflat = _strides(gx)
-    grid = (triton.cdiv(H * W, block_n), triton.cdiv(C, block_co), B)
-    wrap_triton(_cr_backward_kernel)[grid](
-        m, dot, stats, tau_t, fs, gx,
-        C, H * W, W,
-        sB, sC, sH, sW, sN,
-        gB, gC, gH, gW, gN,
-        SOFTMAX=normalize == "softmax", FLAT=flat, GFLAT=gflat,
-        BLOCK_CO=block_co, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=_BWD_WARPS[acc == torch.float64],
-    )
+    tiles = (triton.cdiv(H * W, block_n), triton.cdiv(C, block_co))
+    for b0, nb in _batch_chunks(B):
+        wrap_triton(_cr_backward_kernel)[(*tiles, nb)](
+            m, dot, stats, tau_t, fs, gx,
+            b0, C, H * W, W,
+            sB, sC, sH, sW, sN,
+            gB, gC, gH, gW, gN,
+            SOFTMAX=normalize == "softmax", FLAT=flat, GFLAT=gflat,
+            BLOCK_CO=block_co, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=_BWD_WARPS[acc == torch.float64],
+        )
     return gx
 
 

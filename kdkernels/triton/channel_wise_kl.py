@@ -39,6 +39,7 @@ from torch.library import wrap_triton
 
 from kdkernels.triton._common import (
     _acc_dtype,
+    _batch_chunks,
     _cast_for,
     _define_op,
     _log1p_minus_x,
@@ -108,7 +109,7 @@ def _shift_q(q, z_t, up_s, up_t, alpha_t):
 @triton.jit
 def _cwd_fwd_kernel(
     s_ptr, t_ptr, inv_tau_ptr, part_ptr,
-    C, N, W, chunk,
+    B, b0, C, N, W, chunk,
     sB, sC, sH, sW, sN,
     tB, tC, tH, tW, tN,
     SFLAT: tl.constexpr, TFLAT: tl.constexpr,
@@ -118,7 +119,7 @@ def _cwd_fwd_kernel(
     ACC: tl.constexpr = part_ptr.dtype.element_ty
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    b = (tl.program_id(2) + b0).to(tl.int64)
     mask_c = c < C
     inv_tau = tl.load(inv_tau_ptr)
     s_base = s_ptr + b * sB + (c.to(tl.int64) * sC)[:, None]
@@ -160,7 +161,7 @@ def _cwd_fwd_kernel(
         p = p * alpha_t + e_t * _phi_clamped(d)
         q += tl.where(mask, e_t * ((zt - m_t[:, None]) - (zs - m_s[:, None])), 0.0)
         dmax = tl.maximum(dmax, tl.abs(d))
-    out = part_ptr + ((split * tl.num_programs(2) + b) * C + c) * 8
+    out = part_ptr + ((split * B + b) * C + c) * 8
     tl.store(out + 0, m_s, mask=mask_c)
     tl.store(out + 1, m_t, mask=mask_c)
     tl.store(out + 2, tl.sum(z_s, axis=1), mask=mask_c)
@@ -230,7 +231,7 @@ def _cwd_finish_kernel(part_ptr, stats_ptr, kl_ptr, rows, splits, BLOCK: tl.cons
 @triton.jit
 def _cwd_bwd_kernel(
     coef_ptr, s_ptr, t_ptr, inv_tau_ptr, stats_ptr, gx_ptr,
-    C, N, W,
+    b0, C, N, W,
     sB, sC, sH, sW, sN,
     tB, tC, tH, tW, tN,
     gB, gC, gH, gW, gN,
@@ -241,7 +242,7 @@ def _cwd_bwd_kernel(
     ACC: tl.constexpr = stats_ptr.dtype.element_ty
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    b = tl.program_id(2).to(tl.int64)
+    b = (tl.program_id(2) + b0).to(tl.int64)
     mask_c = c < C
     mask = mask_c[:, None] & (n < N)[None, :]
     coff = c.to(tl.int64)
@@ -292,12 +293,13 @@ def _channel_wise_kl_fwd(
     inv_tau = _scalar(1.0 / tau, fs, acc)
     sB, sC, sH, sW, sN, sflat = _strides(fs)
     tB, tC, tH, tW, tN, tflat = _strides(ft)
-    wrap_triton(_cwd_fwd_kernel)[(triton.cdiv(C, block_c), splits, B)](
-        fs, ft, inv_tau, part, C, N, W, chunk,
-        sB, sC, sH, sW, sN,
-        tB, tC, tH, tW, tN,
-        SFLAT=sflat, TFLAT=tflat, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=warps,
-    )
+    for b0, nb in _batch_chunks(B):
+        wrap_triton(_cwd_fwd_kernel)[(triton.cdiv(C, block_c), splits, nb)](
+            fs, ft, inv_tau, part, B, b0, C, N, W, chunk,
+            sB, sC, sH, sW, sN,
+            tB, tC, tH, tW, tN,
+            SFLAT=sflat, TFLAT=tflat, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=warps,
+        )
     stats = torch.empty((B, C, 5), dtype=acc, device=fs.device)
     kl = torch.empty((B * C,), dtype=torch.float64, device=fs.device)
     wrap_triton(_cwd_finish_kernel)[(triton.cdiv(B * C, _FINISH_BLOCK),)](
@@ -322,13 +324,16 @@ def _channel_wise_kl_bwd(
     sB, sC, sH, sW, sN, sflat = _strides(fs)
     tB, tC, tH, tW, tN, tflat = _strides(ft)
     gB, gC, gH, gW, gN, gflat = _strides(gx)
-    wrap_triton(_cwd_bwd_kernel)[(triton.cdiv(N, block_n), triton.cdiv(C, block_c), B)](
-        coef, fs, ft, _scalar(1.0 / tau, fs, acc), stats, gx, C, N, W,
-        sB, sC, sH, sW, sN,
-        tB, tC, tH, tW, tN,
-        gB, gC, gH, gW, gN,
-        SFLAT=sflat, TFLAT=tflat, GFLAT=gflat, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=warps,
-    )
+    inv_tau = _scalar(1.0 / tau, fs, acc)
+    for b0, nb in _batch_chunks(B):
+        wrap_triton(_cwd_bwd_kernel)[(triton.cdiv(N, block_n), triton.cdiv(C, block_c), nb)](
+            coef, fs, ft, inv_tau, stats, gx, b0, C, N, W,
+            sB, sC, sH, sW, sN,
+            tB, tC, tH, tW, tN,
+            gB, gC, gH, gW, gN,
+            SFLAT=sflat, TFLAT=tflat, GFLAT=gflat, BLOCK_C=block_c, BLOCK_N=block_n,
+            num_warps=warps,
+        )
     return gx
 
 

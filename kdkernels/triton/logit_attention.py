@@ -40,8 +40,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from kdkernels.triton._common import (_acc_dtype, _cast_for, _define_op, _div, _log1p_minus_x, _mm,
-                                      _pow2, _scalar)
+from kdkernels.triton._common import (_acc_dtype, _batch_chunks, _cast_for, _define_op, _div,
+                                      _log1p_minus_x, _mm, _pow2, _scalar)
 from kdkernels.triton.pixel_relation import _expm1_minus_x, _softmax_diff
 
 __all__ = ["logit_attention"]
@@ -81,7 +81,7 @@ def _scores(base, oi, oj, mask_i, mask_j, W, sW, ACC: tl.constexpr,
 @triton.jit
 def _la_attend_kernel(
     x_ptr, par_ptr, a_ptr, lse_ptr,
-    K, H, W,
+    m0, K, H, W,
     sB, sC, sH, sW,
     STORE_LSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -90,7 +90,7 @@ def _la_attend_kernel(
     ACC: tl.constexpr = a_ptr.dtype.element_ty
     i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     c = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    m = tl.program_id(2).to(tl.int64)
+    m = (tl.program_id(2) + m0).to(tl.int64)
     base = x_ptr + (m // K) * sB + (m % K) * sC
     scale = tl.load(par_ptr)
     mask_i = i < H
@@ -197,7 +197,7 @@ def _la_kl_kernel(
 @triton.jit
 def _la_bwd_kernel(
     x_ptr, par_ptr, da_ptr, lse_ptr, dd_ptr, g_ptr,
-    K, H, W,
+    m0, K, H, W,
     sB, sC, sH, sW,
     gB, gC, gH, gW,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -206,7 +206,7 @@ def _la_bwd_kernel(
     ACC: tl.constexpr = da_ptr.dtype.element_ty
     j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     c = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    m = tl.program_id(2).to(tl.int64)
+    m = (tl.program_id(2) + m0).to(tl.int64)
     base = x_ptr + (m // K) * sB + (m % K) * sC
     da_base = da_ptr + m * H * W
     scale = tl.load(par_ptr)
@@ -280,11 +280,12 @@ def _logit_attention_fwd(
     a_s = torch.empty((maps, H, W), dtype=acc, device=dev)
     a_t = torch.empty((maps, H, W), dtype=acc, device=dev)
     lse = torch.empty((maps, H), dtype=acc, device=dev)
-    grid = (triton.cdiv(H, cfg["BLOCK_M"]), triton.cdiv(W, cfg["BLOCK_DV"]), maps)
+    tiles = (triton.cdiv(H, cfg["BLOCK_M"]), triton.cdiv(W, cfg["BLOCK_DV"]))
     for x, a, store_lse in ((ps, a_s, need_grad), (pt, a_t, False)):
-        wrap_triton(_la_attend_kernel)[grid](
-            x, par, a, lse, K, H, W, *x.stride(),
-            STORE_LSE=store_lse, num_warps=_ATTEND_WARPS, **cfg)
+        for m0, n in _batch_chunks(maps):
+            wrap_triton(_la_attend_kernel)[(*tiles, n)](
+                x, par, a, lse, m0, K, H, W, *x.stride(),
+                STORE_LSE=store_lse, num_warps=_ATTEND_WARPS, **cfg)
     kl = torch.empty((maps,), dtype=acc, device=dev)
     da = torch.empty((maps, H, W), dtype=acc, device=dev) if need_grad else a_s
     dd = torch.empty((maps, H), dtype=acc, device=dev) if need_grad else lse
@@ -298,10 +299,11 @@ def _logit_attention_fwd(
     if not need_grad:
         return loss, ps.new_empty((0,), dtype=acc)
     unit = torch.empty_like(ps, dtype=acc)
-    bgrid = (triton.cdiv(H, cfg["BLOCK_N"]), triton.cdiv(W, cfg["BLOCK_DV"]), maps)
-    wrap_triton(_la_bwd_kernel)[bgrid](
-        ps, par, da, lse, dd, unit, K, H, W, *ps.stride(), *unit.stride(),
-        num_warps=_ATTEND_WARPS, **cfg)
+    tiles = (triton.cdiv(H, cfg["BLOCK_N"]), triton.cdiv(W, cfg["BLOCK_DV"]))
+    for m0, n in _batch_chunks(maps):
+        wrap_triton(_la_bwd_kernel)[(*tiles, n)](
+            ps, par, da, lse, dd, unit, m0, K, H, W, *ps.stride(), *unit.stride(),
+            num_warps=_ATTEND_WARPS, **cfg)
     return loss, unit
 
 

@@ -55,6 +55,7 @@ from torch.library import wrap_triton
 from kdkernels.triton._common import (
     GRAM_PIXEL_NORM,
     _acc_dtype,
+    _batch_chunks,
     _cast_for,
     _define_op,
     _div,
@@ -214,14 +215,14 @@ def _pixel_norm_backward(da, raw, nrm):
 @triton.jit
 def _pixel_norm_kernel(
     x_ptr, nrm_ptr,
-    C, N, W,
+    b0, C, N, W,
     sB, sC, sH, sW, sN,
     FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """nrm[b, n] = ||x[b, :, n]||_2, accumulated in nrm's dtype."""
     ACC: tl.constexpr = nrm_ptr.dtype.element_ty
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    b = tl.program_id(1).to(tl.int64)
+    b = (tl.program_id(1) + b0).to(tl.int64)
     mask_n = n < N
     off = _pixel_offsets(n, W, sH, sW, sN, FLAT)
     base = x_ptr + b * sB
@@ -243,7 +244,7 @@ def _pixel_norm_kernel(
 @triton.jit
 def _pixel_norm_bwd_kernel(
     da_ptr, x_ptr, nrm_ptr, gx_ptr,
-    C, N, W,
+    b0, C, N, W,
     dB, dC, dH, dW, dN,
     sB, sC, sH, sW, sN,
     gB, gC, gH, gW, gN,
@@ -253,7 +254,7 @@ def _pixel_norm_bwd_kernel(
     """grad_x from dA (a (B, C, H, W) buffer in ACC): two passes over the channels."""
     ACC: tl.constexpr = da_ptr.dtype.element_ty
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    b = tl.program_id(1).to(tl.int64)
+    b = (tl.program_id(1) + b0).to(tl.int64)
     mask_n = n < N
     nrm = tl.load(nrm_ptr + b * N + n, mask=mask_n, other=1.0)
     inv = _inv_norm(nrm).to(ACC)
@@ -283,7 +284,7 @@ def _pixel_norm_bwd_kernel(
 @triton.jit
 def _pr_kl_fwd_kernel(
     s_ptr, t_ptr, ns_ptr, nt_ptr, tau_ptr, lse_s_ptr, lse_t_ptr, term_ptr,
-    Cs, Ct, N, W,
+    b0, Cs, Ct, N, W,
     sB, sC, sH, sW, sN,
     tB, tC, tH, tW, tN,
     SFLAT: tl.constexpr, TFLAT: tl.constexpr, RES_S: tl.constexpr, RES_T: tl.constexpr,
@@ -293,7 +294,7 @@ def _pr_kl_fwd_kernel(
     """Row block I of sample b: lse_s, lse_t and the KL term of every row i in I."""
     ACC: tl.constexpr = lse_s_ptr.dtype.element_ty
     i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    b = tl.program_id(1).to(tl.int64)
+    b = (tl.program_id(1) + b0).to(tl.int64)
     mask_i = i < N
     row = b * N + i
     inv_tau = 1.0 / tl.load(tau_ptr)  # float64 (see _scores)
@@ -370,7 +371,7 @@ def _pr_kl_fwd_kernel(
 @triton.jit
 def _pr_kl_bwd_kernel(
     coef_ptr, s_ptr, t_ptr, ns_ptr, nt_ptr, tau_ptr, lse_s_ptr, lse_t_ptr, out_ptr,
-    Cs, Ct, N, W,
+    b0, Cs, Ct, N, W,
     sB, sC, sH, sW, sN,
     tB, tC, tH, tW, tN,
     oB, oC, oH, oW, oN,
@@ -383,7 +384,7 @@ def _pr_kl_bwd_kernel(
     ACC: tl.constexpr = lse_s_ptr.dtype.element_ty
     i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    b = tl.program_id(2).to(tl.int64)
+    b = (tl.program_id(2) + b0).to(tl.int64)
     mask_i = i < N
     mask_co = co < Cs
     co_off = (co.to(tl.int64) * sC)[None, :]
@@ -442,7 +443,7 @@ def _pr_kl_bwd_kernel(
 @triton.jit
 def _pr_mse_bwd_kernel(
     coef_ptr, s_ptr, t_ptr, ns_ptr, nt_ptr, mss_ptr, mst_ptr, out_ptr,
-    Cs, Ct, N, W,
+    b0, Cs, Ct, N, W,
     sB, sC, sH, sW, sN,
     tB, tC, tH, tW, tN,
     oB, oC, oH, oW, oN,
@@ -453,7 +454,7 @@ def _pr_mse_bwd_kernel(
     ACC: tl.constexpr = mss_ptr.dtype.element_ty
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    b = tl.program_id(2).to(tl.int64)
+    b = (tl.program_id(2) + b0).to(tl.int64)
     mask_n = n < N
     mask_co = co < Cs
     nrm_s = tl.load(ns_ptr + b * N + n, mask=mask_n, other=1.0)
@@ -507,10 +508,11 @@ def _pixel_norms(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     nrm = torch.empty((B, H * W), dtype=dtype, device=x.device)
     sB, sC, sH, sW, sN, flat = _strides(x)
     block_c, block_n = _stream_tile(x)
-    wrap_triton(_pixel_norm_kernel)[(triton.cdiv(H * W, block_n), B)](
-        x, nrm, C, H * W, W, sB, sC, sH, sW, sN,
-        FLAT=flat, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=_NUM_WARPS,
-    )
+    for b0, nb in _batch_chunks(B):
+        wrap_triton(_pixel_norm_kernel)[(triton.cdiv(H * W, block_n), nb)](
+            x, nrm, b0, C, H * W, W, sB, sC, sH, sW, sN,
+            FLAT=flat, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=_NUM_WARPS,
+        )
     return nrm
 
 
@@ -522,12 +524,13 @@ def _finish_norm_backward(da: torch.Tensor, fs: torch.Tensor, nrm: torch.Tensor,
     sB, sC, sH, sW, sN, flat = _strides(fs)
     gB, gC, gH, gW, gN, gflat = _strides(gx)
     block_c, block_n = _stream_tile(fs)
-    wrap_triton(_pixel_norm_bwd_kernel)[(triton.cdiv(H * W, block_n), B)](
-        da, fs, nrm, gx, C, H * W, W,
-        dB, dC, dH, dW, dN, sB, sC, sH, sW, sN, gB, gC, gH, gW, gN,
-        DFLAT=dflat, FLAT=flat, GFLAT=gflat, BLOCK_C=block_c, BLOCK_N=block_n,
-        num_warps=_NUM_WARPS,
-    )
+    for b0, nb in _batch_chunks(B):
+        wrap_triton(_pixel_norm_bwd_kernel)[(triton.cdiv(H * W, block_n), nb)](
+            da, fs, nrm, gx, b0, C, H * W, W,
+            dB, dC, dH, dW, dN, sB, sC, sH, sW, sN, gB, gC, gH, gW, gN,
+            DFLAT=dflat, FLAT=flat, GFLAT=gflat, BLOCK_C=block_c, BLOCK_N=block_n,
+            num_warps=_NUM_WARPS,
+        )
 
 
 def _kl_config(Cs: int, Ct: int, acc: torch.dtype) -> dict:
@@ -568,13 +571,15 @@ def _pixel_relation_kl_fwd(
     cfg, _ = _kl_config(Cs, Ct, acc)
     sB, sC, sH, sW, sN, sflat = _strides(fs)
     tB, tC, tH, tW, tN, tflat = _strides(ft)
-    wrap_triton(_pr_kl_fwd_kernel)[(triton.cdiv(N, cfg["BLOCK_M"]), B)](
-        fs, ft, ns, nt, _scalar(tau, fs, torch.float64), lse_s, lse_t, term,
-        Cs, Ct, N, W,
-        sB, sC, sH, sW, sN,
-        tB, tC, tH, tW, tN,
-        SFLAT=sflat, TFLAT=tflat, num_warps=_kl_warps(acc, 0), **cfg,
-    )
+    tau64 = _scalar(tau, fs, torch.float64)
+    for b0, nb in _batch_chunks(B):
+        wrap_triton(_pr_kl_fwd_kernel)[(triton.cdiv(N, cfg["BLOCK_M"]), nb)](
+            fs, ft, ns, nt, tau64, lse_s, lse_t, term,
+            b0, Cs, Ct, N, W,
+            sB, sC, sH, sW, sN,
+            tB, tC, tH, tW, tN,
+            SFLAT=sflat, TFLAT=tflat, num_warps=_kl_warps(acc, 0), **cfg,
+        )
     # Fixed-order sum of the per-row terms, in float64 (B * N values: free).
     loss = term.sum(dtype=torch.float64) * (tau * tau / (B * N))
     return loss.to(acc), lse_s, lse_t
@@ -601,16 +606,18 @@ def _pixel_relation_kl_bwd(
     sB, sC, sH, sW, sN, sflat = _strides(fs)
     tB, tC, tH, tW, tN, tflat = _strides(ft)
     oB, oC, oH, oW, oN, oflat = _strides(out)
-    grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(Cs, block_co), B)
-    wrap_triton(_pr_kl_bwd_kernel)[grid](
-        coef, fs, ft, ns, nt, _scalar(tau, fs, torch.float64), lse_s, lse_t, out,
-        Cs, Ct, N, W,
-        sB, sC, sH, sW, sN,
-        tB, tC, tH, tW, tN,
-        oB, oC, oH, oW, oN,
-        FUSE=fuse, SFLAT=sflat, TFLAT=tflat, OFLAT=oflat, BLOCK_CO=block_co,
-        num_warps=_kl_warps(acc, 1), **cfg,
-    )
+    tiles = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(Cs, block_co))
+    tau64 = _scalar(tau, fs, torch.float64)
+    for b0, nb in _batch_chunks(B):
+        wrap_triton(_pr_kl_bwd_kernel)[(*tiles, nb)](
+            coef, fs, ft, ns, nt, tau64, lse_s, lse_t, out,
+            b0, Cs, Ct, N, W,
+            sB, sC, sH, sW, sN,
+            tB, tC, tH, tW, tN,
+            oB, oC, oH, oW, oN,
+            FUSE=fuse, SFLAT=sflat, TFLAT=tflat, OFLAT=oflat, BLOCK_CO=block_co,
+            num_warps=_kl_warps(acc, 1), **cfg,
+        )
     if not fuse:
         _finish_norm_backward(out, fs, ns, gx)
     return gx
@@ -689,16 +696,17 @@ def _pixel_relation_mse_bwd(
     sB, sC, sH, sW, sN, sflat = _strides(fs)
     tB, tC, tH, tW, tN, tflat = _strides(ft)
     oB, oC, oH, oW, oN, oflat = _strides(out)
-    grid = (triton.cdiv(N, block_n), triton.cdiv(Cs, block_co), B)
-    wrap_triton(_pr_mse_bwd_kernel)[grid](
-        coef, fs, ft, ns, nt, m_ss, m_st, out,
-        Cs, Ct, N, W,
-        sB, sC, sH, sW, sN,
-        tB, tC, tH, tW, tN,
-        oB, oC, oH, oW, oN,
-        FUSE=fuse, SFLAT=sflat, TFLAT=tflat, OFLAT=oflat,
-        BLOCK_N=block_n, BLOCK_CO=block_co, BLOCK_K=block_k, num_warps=_NUM_WARPS,
-    )
+    tiles = (triton.cdiv(N, block_n), triton.cdiv(Cs, block_co))
+    for b0, nb in _batch_chunks(B):
+        wrap_triton(_pr_mse_bwd_kernel)[(*tiles, nb)](
+            coef, fs, ft, ns, nt, m_ss, m_st, out,
+            b0, Cs, Ct, N, W,
+            sB, sC, sH, sW, sN,
+            tB, tC, tH, tW, tN,
+            oB, oC, oH, oW, oN,
+            FUSE=fuse, SFLAT=sflat, TFLAT=tflat, OFLAT=oflat,
+            BLOCK_N=block_n, BLOCK_CO=block_co, BLOCK_K=block_k, num_warps=_NUM_WARPS,
+        )
     if not fuse:
         _finish_norm_backward(out, fs, ns, gx)
     return gx

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from kdkernels.triton._common import _acc_dtype, _cast_for, _define_op, _div
+from kdkernels.triton._common import _acc_dtype, _batch_chunks, _cast_for, _define_op, _div
 
 __all__ = ["structure"]
 
@@ -62,10 +62,11 @@ def _image_base(ptr, img, K, sB, sK):
 
 
 @triton.jit
-def _vsum_kernel(m_ptr, vs_ptr, K, H, W, mB, mK, mH, mW, TH: tl.constexpr, TW: tl.constexpr):
+def _vsum_kernel(m_ptr, vs_ptr, img0, K, H, W, mB, mK, mH, mW,
+                 TH: tl.constexpr, TW: tl.constexpr):
     """vs[img, r, c] = sum of mask[img, r - 15 .. r + 15, c]."""
     ACC: tl.constexpr = vs_ptr.dtype.element_ty
-    img = tl.program_id(1)
+    img = tl.program_id(1) + img0
     tiles_w = tl.cdiv(W, TW)
     r0 = (tl.program_id(0) // tiles_w) * TH
     cols = (tl.program_id(0) % tiles_w) * TW + tl.arange(0, TW)
@@ -119,11 +120,11 @@ def _tile_terms(z_ptr, m_ptr, vs_ptr, img, K, H, W, zB, zK, zH, zW, mB, mK, mH, 
 @triton.jit
 def _structure_fwd_kernel(
     z_ptr, m_ptr, vs_ptr, part_ptr,
-    K, H, W, zB, zK, zH, zW, mB, mK, mH, mW,
+    img0, K, H, W, zB, zK, zH, zW, mB, mK, mH, mW,
     TH: tl.constexpr, TW: tl.constexpr,
 ):
     """part[img, tile] = the tile's (sum w, sum w bce, I, E)."""
-    img = tl.program_id(1)
+    img = tl.program_id(1) + img0
     m, w, p, q, bce, _, _, _ = _tile_terms(z_ptr, m_ptr, vs_ptr, img, K, H, W,
                                            zB, zK, zH, zW, mB, mK, mH, mW, TH, TW)
     out = part_ptr + (img.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * 4
@@ -174,11 +175,11 @@ def _structure_finalize_kernel(part_ptr, consts_ptr, loss_ptr, images, tiles,
 @triton.jit
 def _structure_bwd_kernel(
     g_ptr, z_ptr, m_ptr, vs_ptr, consts_ptr, gx_ptr,
-    K, H, W, zB, zK, zH, zW, mB, mK, mH, mW, gB, gK, gH, gW,
+    img0, K, H, W, zB, zK, zH, zW, mB, mK, mH, mW, gB, gK, gH, gW,
     TH: tl.constexpr, TW: tl.constexpr,
 ):
     ACC: tl.constexpr = vs_ptr.dtype.element_ty
-    img = tl.program_id(1)
+    img = tl.program_id(1) + img0
     m, w, p, q, _, rows, cols, inside = _tile_terms(z_ptr, m_ptr, vs_ptr, img, K, H, W,
                                                     zB, zK, zH, zW, mB, mK, mH, mW, TH, TW)
     c = consts_ptr + img.to(tl.int64) * 3
@@ -199,9 +200,8 @@ def _readable(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
-def _grid(shape, tile) -> tuple[int, int]:
-    B, K, H, W = shape
-    return triton.cdiv(H, tile[0]) * triton.cdiv(W, tile[1]), B * K
+def _tiles(shape, tile) -> int:
+    return triton.cdiv(shape[2], tile[0]) * triton.cdiv(shape[3], tile[1])
 
 
 @_define_op("kdkernels::structure_triton", mutates_args=())
@@ -214,18 +214,19 @@ def _structure_fwd(
     m = _readable(mask)
     dev = logits.device
     vs = torch.empty((B * K, H, W), dtype=acc, device=dev)
-    wrap_triton(_vsum_kernel)[_grid(logits.shape, _TILE_VSUM)](
-        m, vs, K, H, W, *m.stride(),
-        TH=_TILE_VSUM[0], TW=_TILE_VSUM[1], num_warps=_NUM_WARPS)
-    grid = _grid(logits.shape, _TILE)
-    partial = torch.empty((B * K, grid[0], 4), dtype=acc, device=dev)
-    wrap_triton(_structure_fwd_kernel)[grid](
-        logits, m, vs, partial, K, H, W, *logits.stride(), *m.stride(),
-        TH=_TILE[0], TW=_TILE[1], num_warps=_NUM_WARPS)
+    tiles = _tiles(logits.shape, _TILE)
+    partial = torch.empty((B * K, tiles, 4), dtype=acc, device=dev)
+    for img0, n in _batch_chunks(B * K):
+        wrap_triton(_vsum_kernel)[(_tiles(logits.shape, _TILE_VSUM), n)](
+            m, vs, img0, K, H, W, *m.stride(),
+            TH=_TILE_VSUM[0], TW=_TILE_VSUM[1], num_warps=_NUM_WARPS)
+        wrap_triton(_structure_fwd_kernel)[(tiles, n)](
+            logits, m, vs, partial, img0, K, H, W, *logits.stride(), *m.stride(),
+            TH=_TILE[0], TW=_TILE[1], num_warps=_NUM_WARPS)
     consts = torch.empty((B * K, 3), dtype=acc, device=dev)
     loss = torch.empty((), dtype=acc, device=dev)
     wrap_triton(_structure_finalize_kernel)[(1,)](
-        partial, consts, loss, B * K, grid[0], BI=_FINALIZE[0], BT=_FINALIZE[1], num_warps=4)
+        partial, consts, loss, B * K, tiles, BI=_FINALIZE[0], BT=_FINALIZE[1], num_warps=4)
     return loss, vs, consts
 
 
@@ -237,10 +238,12 @@ def _structure_bwd(
     """d loss / d logits for upstream gradient `grad` (0-dim), in the logits' dtype and layout."""
     gx = torch.empty_like(logits)
     m = _readable(mask)
-    wrap_triton(_structure_bwd_kernel)[_grid(logits.shape, _TILE)](
-        grad, logits, m, vs, consts, gx, logits.shape[1], logits.shape[2], logits.shape[3],
-        *logits.stride(), *m.stride(), *gx.stride(),
-        TH=_TILE[0], TW=_TILE[1], num_warps=_NUM_WARPS)
+    B, K, H, W = logits.shape
+    for img0, n in _batch_chunks(B * K):
+        wrap_triton(_structure_bwd_kernel)[(_tiles(logits.shape, _TILE), n)](
+            grad, logits, m, vs, consts, gx, img0, K, H, W,
+            *logits.stride(), *m.stride(), *gx.stride(),
+            TH=_TILE[0], TW=_TILE[1], num_warps=_NUM_WARPS)
     return gx
 
 

@@ -20,7 +20,7 @@ import torch
 
 import kdkernels as kdk
 from bench import cases as case_table
-from bench import harness, plots, sweep
+from bench import harness, overhead, plots, sweep
 from bench.runner import MEM_BUDGET_GB, MODES, log, run_case
 from bench.tables import format_table
 
@@ -53,7 +53,20 @@ def parse_args(argv=None):
                          "and reported as out of memory (default %(default)s)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
                     help="results directory (default: bench/results)")
+    ap.add_argument("--threads", help="comma-separated CPU thread counts, each case run under "
+                                      "each in turn (default: torch's current count)")
+    ap.add_argument("--overhead", action="store_true",
+                    help="instead of the cases: host microseconds and kernels per fwd+bwd call "
+                         "at a tiny shape, beside F.mse_loss (bench/overhead.py)")
     args = ap.parse_args(argv)
+    try:
+        args.threads = [int(t) for t in args.threads.split(",")] if args.threads else []
+    except ValueError:
+        ap.error(f"--threads takes comma-separated integers, got {args.threads!r}")
+    if any(t < 1 for t in args.threads):
+        ap.error("--threads: each count must be >= 1")
+    if args.overhead and (args.sweep or args.quick or args.cases):
+        ap.error("--overhead runs alone (its shape is fixed): leave out --sweep, --quick, --cases")
     if args.sweep and args.ops:
         ap.error(f"--sweep always runs {sweep.OP}; leave out --ops")
     args.ops = [op.strip() for op in (args.ops or "").split(",") if op.strip()]
@@ -106,7 +119,7 @@ def run_settings(args, device: torch.device, modes) -> dict:
     return {"quick": args.quick, "sweep": args.sweep, "dtypes": args.dtypes,
             "repeats": args.repeats, "warmup": warmup,
             "min_sample_s": 0.002 if args.quick else (0.005 if on_cuda else 0.01),
-            "threads": torch.get_num_threads(), "modes": list(modes),
+            "threads": args.threads or torch.get_num_threads(), "modes": list(modes),
             "mem_budget_gb": args.mem_budget_gb if device.type == "cpu" else None}
 
 
@@ -116,24 +129,46 @@ def bench_rows(args, device: torch.device, case_list: list, settings: dict,
     skipped backends as each case finishes, so that an interrupted run keeps the finished ones."""
     modes, warmup, min_sample_s = settings["modes"], settings["warmup"], settings["min_sample_s"]
     mem_budget = args.mem_budget_gb * 1e9
+    thread_counts = args.threads or [torch.get_num_threads()]
     for case in case_list:
         shape = {k: list(v) for k, v in case.shapes.items()}
-        for dtype_name in args.dtypes:
-            dtype = harness.DTYPES[dtype_name]
-            log(f"{case.op} / {case.name} / {dtype_name}: {case.shapes} {case.kwargs}")
-            case_rows, case_skipped = run_case(case, device, dtype, args.repeats, warmup,
-                                               min_sample_s, modes, mem_budget)
-            work_key, work = case.work(dtype)
-            for r in case_rows:
-                backend, mode = r.pop("backend"), r.pop("mode")
-                rows.append({"op": case.op, "case": case.name, "backend": backend,
-                             "dtype": dtype_name, "shape": shape, "kwargs": case.kwargs,
-                             "mode": mode, work_key: work[mode], **r})
-            skipped += [{**s, "dtype": dtype_name} for s in case_skipped]
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            # With several thread counts each gets its own case label, so that every table,
+            # plot and speedup compares backends within one thread count.
+            label = case.name if len(thread_counts) == 1 else f"{case.name}@{threads}t"
+            for dtype_name in args.dtypes:
+                dtype = harness.DTYPES[dtype_name]
+                log(f"{case.op} / {label} / {dtype_name}: {case.shapes} {case.kwargs}")
+                case_rows, case_skipped = run_case(case, device, dtype, args.repeats, warmup,
+                                                   min_sample_s, modes, mem_budget)
+                work_key, work = case.work(dtype)
+                for r in case_rows:
+                    backend, mode = r.pop("backend"), r.pop("mode")
+                    rows.append({"op": case.op, "case": label, "backend": backend,
+                                 "dtype": dtype_name, "shape": shape, "kwargs": case.kwargs,
+                                 "threads": threads, "mode": mode, work_key: work[mode], **r})
+                skipped += [{**s, "dtype": dtype_name} for s in case_skipped]
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def write_overhead(args, device: torch.device, env: dict, load_start) -> int:
+    """--overhead: the table, and a JSON record <device-slug>-<stamp>-overhead.json."""
+    rows = overhead.overhead_rows(device, ops=args.ops or None)
+    print(overhead.format_rows(rows))
+    settings = {"shape": overhead.SHAPE_NOTE, "threads": 1, "timing": overhead.TIMING_NOTE,
+                "kernels": overhead.COUNT_NOTE,
+                "loadavg_1_5_15min": {"start": load_start, "end": os.getloadavg()}}
+    record = {**env, "settings": settings, "backends": kdk.backends(), "overhead": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = args.out / f"{slug(args.device + '-' + env['device'])}-{stamp}-overhead.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    log(f"wrote {path}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -141,6 +176,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     env = harness.environment(device)
     load_start = os.getloadavg()
+    if args.overhead:
+        return write_overhead(args, device, env, load_start)
     log(f"kdkernels bench on {env['device']} ({args.device}, {', '.join(args.dtypes)}, torch "
         f"{env['torch']}, {torch.get_num_threads()} threads){' --quick' if args.quick else ''}")
     roof = harness.roofline(device, args.quick)

@@ -157,11 +157,42 @@ def _runs_on(backend: str, device: torch.device) -> bool:
     return True
 
 
+# KDKERNELS_BACKEND is read on every call (a test or a notebook may set it at any time), from
+# the environment's underlying dict: os.environ.get re-encodes the key each time, which costs
+# about as much as the rest of the dispatch.
+_ENVIRON = getattr(os.environ, "_data", None)
+try:
+    _ENV_KEY = os.environ.encodekey(ENV_VAR)
+except AttributeError:  # an os.environ without the CPython internals: the public, slower route
+    _ENVIRON = None
+
+
+def _env_backend() -> str:
+    if _ENVIRON is None:
+        return os.environ.get(ENV_VAR, "")
+    raw = _ENVIRON.get(_ENV_KEY)
+    return "" if raw is None else os.environ.decodevalue(raw)
+
+
+# (op, backend as asked, KDKERNELS_BACKEND, device type) -> implementation, for the calls that
+# resolved without an error; errors are raised again on every call.
+_RESOLVED: dict[tuple, Callable] = {}
+
+
 def resolve(op: str, backend: str, device: torch.device) -> Callable:
     """The implementation of `op` for `backend` ("auto" or a name) on tensors on `device`."""
+    env = _env_backend() if backend == "auto" else ""
+    key = (op, backend, env, device.type)
+    impl = _RESOLVED.get(key)
+    if impl is None:
+        impl = _RESOLVED[key] = _resolve(op, backend, env or "auto", device)
+    return impl
+
+
+def _resolve(op: str, backend: str, env: str, device: torch.device) -> Callable:
     impls = _IMPLS[op]
     if backend == "auto":
-        backend = os.environ.get(ENV_VAR, "auto") or "auto"
+        backend = env
         if backend != "auto" and backend not in impls and backend in BACKENDS:
             backend = "auto"  # the override only applies to ops that have that backend
     if backend == "auto":

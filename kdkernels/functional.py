@@ -77,7 +77,7 @@ def _fused_at(kernel):
             fs = F.interpolate(fs, size=ft.shape[-2:], mode="bilinear", align_corners=False)
         if (fs.dtype == torch.float64) != (ft.dtype == torch.float64):
             fs, ft = fs.double(), ft.double()
-        return kernel(fs, ft.detach(), p, reduction)
+        return kernel(fs, ft, p, reduction)
     return run
 
 
@@ -202,10 +202,11 @@ def pixel_kl_loss(zs, zt, temperature=4.0, mask=None, backend="auto"):
     """Response KD: T^2 * mean over pixels of KL(p_t || p_s), softmax over K (sigmoid if K == 1).
 
     zs, zt: (B, K, H, W) maps or (B, K) classification logits. mask: bool, (B, H, W) or (B,),
-    True where a pixel is counted (at least one; an all-False mask raises ValueError). Excluded
-    pixels may hold anything, NaN included. The emptiness check reads the mask (one host sync
-    per call on a GPU); it is skipped inside torch.compile and for meta/fake tensors, where an
-    all-False mask gives NaN (0 / 0).
+    True where a pixel is counted (at least one). Excluded pixels may hold anything, NaN
+    included. An all-False CPU mask raises ValueError. On a GPU the mask is not read by the host
+    (that would synchronise every call and break CUDA-graph capture): there, as inside
+    torch.compile and for meta/fake tensors, an all-False mask gives a NaN loss (0 / 0) and a
+    zero gradient.
     """
     op = "pixel_kl_loss"
     check.student_teacher(op, "zs", zs, "zt", zt, (2, 4), "logits (B, K) or (B, K, H, W)")
@@ -220,8 +221,8 @@ def pixel_kl_loss(zs, zt, temperature=4.0, mask=None, backend="auto"):
             raise ValueError(f"{op}: mask must have shape {expected} (batch and spatial sizes of "
                              f"zs {tuple(zs.shape)}), got {tuple(mask.shape)}")
         check.same_device(op, zs=zs, mask=mask)
-        # 0 / 0 otherwise (see the docstring for the sync and where the check is skipped).
-        if _has_values(mask) and not mask.any():
+        # 0 / 0 otherwise (see the docstring for where the check is skipped, and why).
+        if mask.device.type == "cpu" and _has_values(mask) and not mask.any():
             raise ValueError(f"{op}: mask selects no pixel (all False, shape {tuple(mask.shape)}); "
                              "it must be True for at least one pixel to average over")
     return _run(op, backend, zs.device, zs, zt, temperature, mask)

@@ -1,26 +1,31 @@
 #!/usr/bin/env bash
-# The checks of a GPU session, most important first, each under its own time limit so that a short
-# device lease still brings back what ran. Run from the repository root on the GPU machine (torch,
-# triton, pytest, pytest-xdist and hypothesis preinstalled; nothing is installed):
+# The checks of a GPU validation run, most important first, each under its own time limit so that a
+# short run still brings back what finished. Run from the repository root on the GPU machine
+# (torch, triton, pytest, pytest-xdist and hypothesis preinstalled; nothing is installed):
 #
 #     bash scripts/gpu_session.sh COMMIT [BUDGET_SECONDS] [PHASE]
 #
-# PHASE "main" (default): build; then side by side the test suite on CUDA (pytest-xdist), the three
-# sanitizers over tests/sanitize_workload.py and the >2^31-element tests; then the benchmarks'
-# acceptance cases. PHASE "verify" (a short lease after fixes): build, then side by side the tests
-# that run a GPU backend (ids with cuda or triton), the sanitizers over the ops in $SANITIZE_OPS
-# (comma-separated; default all) and the >2^31-element tests. PHASE "more": the remaining benchmark
-# cases, then the long fuzz profile on CUDA (a second call on the same machine keeps the build).
+# PHASE "main" (default), about 11 minutes: build; the benchmark of the acceptance cases with
+# nothing else on the machine (host-bound timings taken beside other work are worthless); the
+# host-overhead record (python -m bench --overhead: kernels per call from the CUDA profiler); a
+# few KDAS training steps at 352 x 352, batch 16, bf16, with --backend auto and torch; then side
+# by side the test suite on CUDA (pytest-xdist), the three sanitizers over
+# tests/sanitize_workload.py and the >2^31-element tests. PHASE "verify" (after fixes): build,
+# then side by side the tests that run a GPU backend (ids with cuda or triton), the sanitizers
+# over the ops in $SANITIZE_OPS (comma-separated; default all) and the >2^31-element tests.
+# PHASE "more": the remaining benchmark cases, then the long fuzz profile on CUDA (a second call
+# on the same machine keeps the build).
 #
-# The device tool returns at most 8 files, so logs and the records the steps write (bench/results/,
-# tests/sanitizers/) are packed, by their repository paths, into $OUT/session.tgz after every step,
-# with $OUT/summary.txt beside it. A step that hits its limit is interrupted (SIGINT: pytest still
-# prints its failures, python -m bench writes the cases that finished) and the next one runs;
-# steps that would start with less than a minute of the budget left are skipped.
+# Logs and the records the steps write (bench/results/, tests/sanitizers/) are packed, by their
+# repository paths, into $OUT/session.tgz after every step, with $OUT/summary.txt beside it (the
+# host's load average is logged with every step). A step that hits its limit is interrupted
+# (SIGINT: pytest still prints its failures, python -m bench writes the cases that finished) and
+# the next one runs; steps that would start with less than a minute of the budget left are
+# skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 COMMIT=${1:?usage: gpu_session.sh COMMIT [BUDGET_SECONDS] [main|verify|more]}
-BUDGET=${2:-540}
+BUDGET=${2:-660}
 PHASE=${3:-main}
 PY=${PYTHON:-python3}
 OUT=${OUT:-gpu-session}
@@ -48,8 +53,8 @@ step() {  # step NAME LIMIT CMD...: run CMD for at most LIMIT seconds (less if t
   local t0=$SECONDS
   timeout -s INT -k 15 "$limit" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
-  echo "$name: rc=$rc in $((SECONDS - t0))s (limit ${limit}s): $(tail -n 1 "$LOGS/$name.log")" |
-    tee -a "$OUT/summary.txt"
+  echo "$name: rc=$rc in $((SECONDS - t0))s (limit ${limit}s, load $(cut -d' ' -f1-3 /proc/loadavg)):" \
+    "$(tail -n 1 "$LOGS/$name.log")" | tee -a "$OUT/summary.txt"
   pack
 }
 
@@ -63,7 +68,7 @@ PYTEST=($PY -m pytest -q -p no:cacheprovider --timeout 240 --tb=short)
 SANITIZE=($PY tests/sanitize.py --commit "$COMMIT" --targets workload --timeout 220
           ${SANITIZE_OPS:+--ops "$SANITIZE_OPS"})
 build() {
-  step build 240 env MAX_JOBS="$(nproc)" TORCH_CUDA_ARCH_LIST=9.0 KDKERNELS_FORCE_CUDA=1 \
+  step build 180 env MAX_JOBS="$(nproc)" TORCH_CUDA_ARCH_LIST=9.0 KDKERNELS_FORCE_CUDA=1 \
     $PY -m pip install --no-build-isolation --no-deps -e .
 }
 gpu_checks() {  # gpu_checks LIMIT PYTEST-ARGS...: the tests, the sanitizers, the huge tensors
@@ -78,11 +83,19 @@ gpu_checks() {  # gpu_checks LIMIT PYTEST-ARGS...: the tests, the sanitizers, th
     tests/test_64bit_offsets.py &
   wait
 }
+train() {  # train BACKEND: a few KDAS steps at the benchmark's training size, one epoch each
+  step "train_$1" 75 $PY -m models.train --recipe kdas --image-size 352 --batch-size 16 --amp \
+    --epochs 1 --teacher-epochs 1 --train-samples 160 --test-samples 16 --backend "$1" \
+    --out "$LOGS/train_$1"
+}
 case $PHASE in
   main)
     build
-    gpu_checks 260 -m "not slow" tests
-    step bench_acceptance 400 $PY -m bench --device cuda --cases acceptance_b8,acceptance_96_mse ;;
+    step bench_acceptance 200 $PY -m bench --device cuda --cases acceptance_b8,acceptance_96_mse
+    step bench_overhead 60 $PY -m bench --device cuda --overhead
+    train auto
+    train torch
+    gpu_checks $((BUDGET - (SECONDS - START) - 5)) -m "not slow" tests ;;
   verify)
     build
     gpu_checks $((BUDGET - (SECONDS - START) - 5)) -m "not slow" -k "cuda or triton" tests ;;

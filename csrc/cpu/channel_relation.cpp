@@ -211,10 +211,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_relation_cpu(
     at::Tensor gs = normalized_gram<scalar_t>(rel::to_bcn(fs, acc), norm, tau,
                                               row_stats.data_ptr<scalar_t>());
     at::Tensor gt = normalized_gram<scalar_t>(rel::to_bcn(ft, acc), norm, tau, stats_t.data());
-    at::Tensor gg = at::empty({B, C, C}, gs.options());
+    std::vector<double> gg(B * C * C);
     loss = relation_distance(gs.data_ptr<double>(), gt.data_ptr<double>(), B, C, dist, tau,
-                             gg.data_ptr<double>());
-    grad_gram.copy_(gg);
+                             gg.data());
+    std::copy(gg.begin(), gg.end(), grad_gram.data_ptr<scalar_t>());
   });
   return {at::scalar_tensor(loss, fs.options().dtype(acc)), grad_gram, row_stats};
 }
@@ -265,8 +265,13 @@ void channel_backward(const at::Tensor& X, const at::Tensor& grad_gram, const T*
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks, blk = task % blocks, n0 = blk * kApplyBlock;
       const int64_t len = std::min(kApplyBlock, N - n0);
-      at::Tensor out = dfn.select(0, b).narrow(1, n0, len);
-      at::mm_out(out, m.select(0, b), rows.select(0, b).narrow(1, n0, len));
+      if (C * C * len <= rel::kSmallGemm) {
+        rel::small_gemm<T>(m.data_ptr<T>() + b * C * C, C, 1, rd + b * C * N + n0, N, 1,
+                           dd + b * C * N + n0, N, C, C, len);
+      } else {
+        at::Tensor out = dfn.select(0, b).narrow(1, n0, len);
+        at::mm_out(out, m.select(0, b), rows.select(0, b).narrow(1, n0, len));
+      }
       for (int64_t c = 0; c < C; ++c) {
         const int64_t row = (b * C + c) * N + n0;
         dot_part[(b * blocks + blk) * C + c] = rel::dot_acc(rd + row, dd + row, len);

@@ -505,6 +505,14 @@ void backward(const Src& s, const Src& t, const at::Tensor& gx, const T* stats, 
   const Src g = src(gx);
   const Plan pl = plan(s, t);
   const T inv_tau = static_cast<T>(1.0 / tau), kk = static_cast<T>(k);
+  // Row path into a contiguous gradient row of the accumulation type (NCHW float32 / float64):
+  // the row loop writes gx itself, no buffer and scatter.
+  T* direct = !pl.lanes && g.flat && gx.scalar_type() == c10::CppTypeToScalarType<T>::value
+                  ? static_cast<T*>(gx.data_ptr())
+                  : nullptr;
+  // Long chunks when nothing needs pixel offsets (the backward keeps no lane sums, so the
+  // forward's short chunks buy nothing here but per-chunk overhead).
+  const int64_t chunk = !pl.lanes && s.flat && t.flat && g.flat ? kBlock : pl.chunk;
   at::parallel_for(0, s.v.B * pl.tasks_per_sample, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(3 * kBlock);
     T* bs = buf.data();
@@ -519,15 +527,16 @@ void backward(const Src& s, const Src& t, const at::Tensor& gx, const T* stats, 
       for (int64_t r = 0; r < kStatStride; ++r)  // lanes past the rows: any finite values
         for (int64_t j = 0; j < kStats; ++j)
           st[j * kStatStride + r] = r < rows ? row_stats[kStats * r + j] : T(0);
-      for (int64_t n0 = 0; n0 < N; n0 += pl.chunk) {
-        const int64_t len = std::min(pl.chunk, N - n0);
+      for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+        const int64_t len = std::min(chunk, N - n0);
         if (!s.flat) rel::pixel_offsets(s.v, n0, len, off_s);
         if (!t.flat) rel::pixel_offsets(t.v, n0, len, off_t);
         if (!g.flat) rel::pixel_offsets(g.v, n0, len, off_g);
         if (!pl.lanes) {
-          grad(false, out, gather_row(s, b, c0, n0, len, off_s, bs),
+          T* row_out = direct != nullptr ? direct + b * g.v.sB + c0 * g.v.sC + n0 : out;
+          grad(false, row_out, gather_row(s, b, c0, n0, len, off_s, bs),
                gather_row(t, b, c0, n0, len, off_t, bt), len, st, inv_tau, kk);
-          scatter(g, gx.data_ptr(), false, b, c0, 1, n0, len, off_g, out);
+          if (direct == nullptr) scatter(g, gx.data_ptr(), false, b, c0, 1, n0, len, off_g, out);
           continue;
         }
         gather_lanes(s, b, c0, rows, n0, len, off_s, bs);

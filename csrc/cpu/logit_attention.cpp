@@ -247,6 +247,15 @@ at::Tensor matmul_nt(const at::Tensor& x, const at::Tensor& w) {
       return std::nullopt;
     }
   }();
+  const int64_t M = x.size(0), K = x.size(1), P = w.size(0);
+  if (M * K * P <= rel::kSmallGemm) {
+    at::Tensor out = at::empty({M, P}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kdk_small_nt", [&] {
+      rel::small_gemm<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), w.data_ptr<scalar_t>(),
+                                w.stride(1), w.stride(0), out.data_ptr<scalar_t>(), P, M, K, P);
+    });
+    return out;
+  }
   if (onednn && x.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn())
     return onednn->call(x, w, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(),
                         std::nullopt);
@@ -313,12 +322,72 @@ void symmetrize_and_transpose(T* m, T* p, int64_t H) {
   });
 }
 
+// A map small enough that its products cost less than a BLAS call's set-up: the same steps as
+// map_kl below on one per-thread scratch buffer (no tensors, no ATen calls), products by
+// rel::small_gemm.
+template <typename T>
+double map_kl_small(const at::Tensor& ps_map, const at::Tensor& pt_map, at::Tensor g_out,
+                    double tau, double coef) {
+  const int64_t H = ps_map.size(0), W = ps_map.size(1), hw = H * W, hh = H * H;
+  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(W)));
+  const T inv_tau = static_cast<T>(1.0 / tau);
+  thread_local std::vector<T> scratch;
+  scratch.resize(5 * hw + 2 * hh);
+  T* xs = scratch.data();  // X_s, X_t, A_s, A_t, dA: H x W; P, dS: H x H
+  T* xt = xs + hw;
+  T* as = xt + hw;
+  T* at = as + hw;
+  T* da = at + hw;
+  T* p = da + hw;
+  T* ds = p + hh;
+  auto load = [&](const at::Tensor& m, T* out) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "kdk_la_load", [&] {
+      const scalar_t* src = m.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < H; ++i)
+        for (int64_t j = 0; j < W; ++j) out[i * W + j] = static_cast<T>(src[i * m.stride(0) + j * m.stride(1)]);
+    });
+  };
+  // P = softmax_rows(X X^T * scale), A = P X (P left in p).
+  auto attend_small = [&](const T* x, T* a) {
+    rel::small_gemm<T>(x, W, 1, x, 1, W, p, H, H, W, H);
+    softmax_rows(p, H, H, H, scale);
+    rel::small_gemm<T>(p, H, 1, x, W, 1, a, W, H, H, W);
+  };
+  load(pt_map, xt);
+  attend_small(xt, at);
+  load(ps_map, xs);
+  attend_small(xs, as);
+  std::vector<BlockStats<T>> stats;
+  for (int64_t i0 = 0; i0 < H; i0 += kRows)
+    stats.push_back(block_stats(as + i0 * W, at + i0 * W, std::min(kRows, H - i0) * W, inv_tau));
+  const MapKl k = combine(stats);
+  if (!g_out.defined()) return k.kl;
+  softmax_grad(as, at, da, hw, inv_tau, static_cast<T>(k.lse_s), static_cast<T>(k.lse_t),
+               static_cast<T>(k.delta), static_cast<T>(coef));
+  rel::small_gemm<T>(da, W, 1, xs, 1, W, ds, H, H, W, H);
+  for (int64_t i = 0; i < H; ++i) {  // dS = P o (dP - D), D_i = <P_i, dP_i>
+    const T di = static_cast<T>(rel::dot_acc(p + i * H, ds + i * H, H));
+    for (int64_t j = 0; j < H; ++j) ds[i * H + j] = p[i * H + j] * (ds[i * H + j] - di);
+  }
+  symmetrize_and_transpose(ds, p, H);
+  rel::small_gemm<T>(p, H, 1, da, W, 1, as, W, H, H, W);  // P^T dA, into A_s's buffer
+  rel::small_gemm<T>(ds, H, 1, xs, W, 1, as, W, H, H, W, scale, true);
+  AT_DISPATCH_FLOATING_TYPES(g_out.scalar_type(), "kdk_la_store", [&] {
+    scalar_t* g = g_out.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < H; ++i)
+      for (int64_t j = 0; j < W; ++j)
+        g[i * g_out.stride(0) + j * g_out.stride(1)] = static_cast<scalar_t>(as[i * W + j]);
+  });
+  return k.kl;
+}
+
 // The map's KL term; with g_out defined (an H x W view, any strides), also writes d loss / d ps
 // for this map into it.
 template <typename T>
 double map_kl(const at::Tensor& ps_map, const at::Tensor& pt_map, at::Tensor g_out, double tau,
               double coef) {
   const int64_t H = ps_map.size(0), W = ps_map.size(1);
+  if (H * H * W <= rel::kSmallGemm) return map_kl_small<T>(ps_map, pt_map, g_out, tau, coef);
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(W)));
   const T inv_tau = static_cast<T>(1.0 / tau);
   const at::Tensor a_t = attend<T>(as_matrix<T>(pt_map), scale).second;

@@ -106,7 +106,7 @@ at::Tensor pixel_relation_mse_backward_cpu(const at::Tensor& grad, const at::Ten
   TORCH_CHECK(m_ss.scalar_type() == at::kDouble && m_st.scalar_type() == at::kDouble &&
                   m_ss.is_contiguous() && m_st.is_contiguous(),
               "pixel_relation_mse_backward: m_ss and m_st must be contiguous float64");
-  const int64_t B = fs.size(0), Cs = fs.size(1), N = fs.size(2) * fs.size(3);
+  const int64_t B = fs.size(0), Cs = fs.size(1), Ct = ft.size(1), N = fs.size(2) * fs.size(3);
   auto [a, norms] = normalized(fs, at::kDouble);
   at::Tensor t = normalized(ft, at::kDouble).first;
   const double n = static_cast<double>(N);
@@ -126,8 +126,16 @@ at::Tensor pixel_relation_mse_backward_cpu(const at::Tensor& grad, const at::Ten
         at::Tensor a_blk = a.select(0, b).narrow(1, n0, len);
         // dA = m_ss A - m_st T for these pixels (the factor k is applied below).
         at::Tensor d = da.narrow(0, 0, Cs * len).view({Cs, len});
-        at::mm_out(d, m_ss.select(0, b), a_blk);
-        d.addmm_(m_st.select(0, b), t.select(0, b).narrow(1, n0, len), 1.0, -1.0);
+        if (Cs * (Cs + Ct) * len <= rel::kSmallGemm) {
+          double* dd = d.data_ptr<double>();
+          rel::small_gemm<double>(m_ss.data_ptr<double>() + b * Cs * Cs, Cs, 1,
+                                  a.data_ptr<double>() + b * Cs * N + n0, N, 1, dd, len, Cs, Cs, len);
+          rel::small_gemm<double>(m_st.data_ptr<double>() + b * Cs * Ct, Ct, 1,
+                                  t.data_ptr<double>() + b * Ct * N + n0, N, 1, dd, len, Cs, Ct, len, -1.0, true);
+        } else {
+          at::mm_out(d, m_ss.select(0, b), a_blk);
+          d.addmm_(m_st.select(0, b), t.select(0, b).narrow(1, n0, len), 1.0, -1.0);
+        }
         const rel::PlaneRun run{rel::flat_planes(g), n0, goff};
         if (!run.flat) rel::pixel_offsets(g, n0, len, goff);
         rel::normalize_backward_block<scalar_t, double>(

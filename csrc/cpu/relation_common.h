@@ -264,6 +264,30 @@ void normalize_backward_block(const T* dA, int64_t ldd, const T* a, int64_t lda,
 }
 
 // ---------------------------------------------------------------------------------------------
+// Products below this many multiply-adds skip BLAS: a BLAS or oneDNN call costs microseconds of
+// set-up, several times the product itself at the shapes of a classification head or a small map.
+constexpr int64_t kSmallGemm = int64_t(1) << 15;
+
+// out (M x P, row stride ldo) = alpha * x y (+ beta * out when accumulate): x (M x K) and y
+// (K x P) through their row and column strides, sums in Acc. For small products only.
+template <typename T, typename Acc = T>
+void small_gemm(const T* x, int64_t xr, int64_t xc, const T* y, int64_t yr, int64_t yc, T* out, int64_t ldo,
+                int64_t M, int64_t K, int64_t P, Acc alpha = Acc(1), bool accumulate = false) {
+  std::vector<Acc> row(P);
+  for (int64_t i = 0; i < M; ++i) {
+    std::fill(row.begin(), row.end(), Acc(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const Acc a = static_cast<Acc>(x[i * xr + k * xc]);
+      const T* yk = y + k * yr;
+      for (int64_t j = 0; j < P; ++j) row[j] += a * static_cast<Acc>(yk[j * yc]);
+    }
+    T* o = out + i * ldo;
+    for (int64_t j = 0; j < P; ++j)
+      o[j] = static_cast<T>(accumulate ? static_cast<Acc>(o[j]) + alpha * row[j] : alpha * row[j]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // out[b] = X[b] Y[b]^T in double, X (B, Cx, N) and Y (B, Cy, N) contiguous of T. Split-K over
 // fixed chunks of N (the reduction is long, the output small): each chunk one single-threaded
 // GEMM in T, the partials summed in double in chunk order.
@@ -274,6 +298,17 @@ void normalize_backward_block(const T* dA, int64_t ldd, const T* a, int64_t lda,
 template <typename T>
 at::Tensor gram(const at::Tensor& X, const at::Tensor& Y) {
   const int64_t B = X.size(0), Cx = X.size(1), Cy = Y.size(1), N = X.size(2);
+  if (Cx * Cy * N <= kSmallGemm) {  // one chunk, summed in double directly
+    at::Tensor g = at::empty({B, Cx, Cy}, X.options().dtype(at::kDouble));
+    const T* xd = X.data_ptr<T>();
+    const T* yd = Y.data_ptr<T>();
+    double* gd = g.data_ptr<double>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < Cx; ++i)
+        for (int64_t j = 0; j < Cy; ++j)
+          gd[(b * Cx + i) * Cy + j] = dot_acc(xd + (b * Cx + i) * N, yd + (b * Cy + j) * N, N);
+    return g;
+  }
   const int64_t chunks = ceil_div(N, kGramChunk);
   at::Tensor part = at::empty({B, chunks, Cx, Cy}, X.options());
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {

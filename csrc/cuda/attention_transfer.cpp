@@ -41,10 +41,11 @@ std::tuple<at::Tensor, at::Tensor> attention_transfer_cuda(const at::Tensor& fs,
   at::Tensor workspace = at::empty({gpu::at_forward_workspace(vs, vt)}, opts);
   at::Tensor partial = at::empty({B}, opts);
   at::Tensor coeff = at::empty({B, Ho, Wo}, opts);
+  at::Tensor counter = at::empty({1}, fs.options().dtype(at::kInt));
+  at::Tensor loss = at::empty({}, opts);
   C10_CUDA_CHECK(gpu::at_forward(vs, vt, p, scale, workspace.data_ptr(), partial.data_ptr(), coeff.data_ptr(),
-                                 at::cuda::getCurrentCUDAStream()));
-  // A fixed-order reduction of the per-sample partials keeps the loss deterministic.
-  return {partial.sum() * scale, coeff};
+                                 counter.data_ptr(), loss.data_ptr(), at::cuda::getCurrentCUDAStream()));
+  return {loss, coeff};
 }
 
 at::Tensor attention_transfer_backward_cuda(const at::Tensor& grad, const at::Tensor& fs, const at::Tensor& coeff,

@@ -140,12 +140,21 @@ __device__ __forceinline__ Pixel<RESIZE> output_pixel(int64_t ho, int64_t wo, co
   }
 }
 
+// The map launch that comes first zeroes the finalize kernel's block counter (see finalize), so
+// that no memset is launched for it: the stream orders the two kernels.
+__device__ __forceinline__ void zero_counter(unsigned* counter) {
+  if (counter != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x == 0 &&
+      threadIdx.y == 0)
+    *counter = 0;
+}
+
 // A block covers 32 * (8 / slices) output pixels (lane = pixel); the `slices` rows of a pixel
 // group each sum a contiguous channel range, then row 0 adds them in order.
 template <typename T, typename acc_t, bool RESIZE, int P>
 __global__ void __launch_bounds__(kThreads)
-    map_pixel_lanes(const T* __restrict__ x, MapArgs a, acc_t p, acc_t* __restrict__ part) {
+    map_pixel_lanes(const T* __restrict__ x, MapArgs a, acc_t p, acc_t* __restrict__ part, unsigned* counter) {
   __shared__ acc_t red[kRows][kLanes];
+  zero_counter(counter);
   const int lane = threadIdx.x, row = threadIdx.y;
   const int slice = row % a.slices, group = row / a.slices, groups = kRows / a.slices;
   const int64_t n = (static_cast<int64_t>(blockIdx.x) * groups + group) * kLanes + lane;
@@ -189,7 +198,8 @@ __global__ void __launch_bounds__(kThreads)
 // split's channel range).
 template <typename T, typename acc_t, bool RESIZE, int P>
 __global__ void __launch_bounds__(kThreads)
-    map_channel_lanes(const T* __restrict__ x, MapArgs a, acc_t p, acc_t* __restrict__ part) {
+    map_channel_lanes(const T* __restrict__ x, MapArgs a, acc_t p, acc_t* __restrict__ part, unsigned* counter) {
+  zero_counter(counter);
   const int lane = threadIdx.x;
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * kRows + threadIdx.y) * kPixPerWarp;
   if (n0 >= a.N) return;  // warp-uniform, and there is no block-level sync below
@@ -256,13 +266,16 @@ __device__ __forceinline__ void block_sum2(acc_t& x, acc_t& y, acc_t* smem /* 2 
 // |x|^2 + |y|^2 - 2 x.y would cancel catastrophically when student ~= teacher). Each thread owns
 // n = n0 + u * blockDim.x in every pass, so pass 1's writes need no barrier before passes 2 and 3;
 // kFinalizeUnroll of them per step keep several loads in flight, as one block per sample has
-// few threads to hide latency with.
+// few threads to hide latency with. The last block to finish (counted on `counter`, zeroed by
+// the map kernel) sums the samples' partials in a fixed order into the loss: the forward needs
+// no kernel after this one, and the result does not depend on which block came last.
 template <typename acc_t>
 __global__ void __launch_bounds__(kFinalizeThreads)
     finalize(acc_t* __restrict__ ms, int splits_s, acc_t inv_cs, acc_t* __restrict__ mt, int splits_t,
              acc_t inv_ct, int64_t B, int64_t N, acc_t scale, acc_t* __restrict__ partial,
-             acc_t* __restrict__ coeff) {
+             acc_t* __restrict__ coeff, unsigned* counter, acc_t* __restrict__ loss) {
   __shared__ acc_t smem[2 * kLanes];
+  __shared__ bool last;
   const int64_t b = blockIdx.x;
   const int64_t split_stride = B * N;
   const int64_t step = static_cast<int64_t>(kFinalizeUnroll) * blockDim.x;
@@ -325,7 +338,18 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     }
   }
   block_sum2(d2, dot, smem);
-  if (threadIdx.x == 0) partial[b] = d2;
+  if (threadIdx.x == 0) {
+    partial[b] = d2;
+    __threadfence();  // the partial is visible device-wide before this block is counted
+    last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (last) {
+    acc_t total = 0, unused = 0;
+    for (int64_t i = threadIdx.x; i < B; i += blockDim.x) total += __ldcg(partial + i);  // L2, not L1
+    block_sum2(total, unused, smem);
+    if (threadIdx.x == 0) *loss = total * scale;
+  }
 
   // d loss / d m_s through the normalisation (its Jacobian is (I - a a^T) / |m| above eps).
   const acc_t k = acc_t(2) * scale;
@@ -561,7 +585,7 @@ cudaError_t with_variant(bool resize, double p, F&& f) {
 
 template <typename T, typename acc_t>
 cudaError_t launch_map(const Tensor4& t, const MapArgs& a, const Plan& plan, double p, acc_t* part,
-                       cudaStream_t stream) {
+                       unsigned* counter, cudaStream_t stream) {
   const T* x = static_cast<const T*>(t.data);
   const bool resize = a.H != a.Ho || a.W != a.Wo;
   return with_variant(resize, p, [&](auto v) {
@@ -569,27 +593,27 @@ cudaError_t launch_map(const Tensor4& t, const MapArgs& a, const Plan& plan, dou
     constexpr int P = decltype(v)::kP;
     const dim3 block(kLanes, kRows);
     if (plan.channel_lanes)
-      map_channel_lanes<T, acc_t, R, P><<<plan.grid, block, 0, stream>>>(x, a, acc_t(p), part);
+      map_channel_lanes<T, acc_t, R, P><<<plan.grid, block, 0, stream>>>(x, a, acc_t(p), part, counter);
     else
-      map_pixel_lanes<T, acc_t, R, P><<<plan.grid, block, 0, stream>>>(x, a, acc_t(p), part);
+      map_pixel_lanes<T, acc_t, R, P><<<plan.grid, block, 0, stream>>>(x, a, acc_t(p), part, counter);
     return cudaGetLastError();
   });
 }
 
 cudaError_t map_dtype(const Tensor4& t, const MapArgs& a, const Plan& plan, double p, float* part,
-                      cudaStream_t stream) {
+                      unsigned* counter, cudaStream_t stream) {
   switch (t.dtype) {
-    case DType::kFloat16: return launch_map<__half>(t, a, plan, p, part, stream);
-    case DType::kBFloat16: return launch_map<__nv_bfloat16>(t, a, plan, p, part, stream);
-    case DType::kFloat32: return launch_map<float>(t, a, plan, p, part, stream);
+    case DType::kFloat16: return launch_map<__half>(t, a, plan, p, part, counter, stream);
+    case DType::kBFloat16: return launch_map<__nv_bfloat16>(t, a, plan, p, part, counter, stream);
+    case DType::kFloat32: return launch_map<float>(t, a, plan, p, part, counter, stream);
     default: return cudaErrorInvalidValue;  // float64 needs float64 accumulation
   }
 }
 
 cudaError_t map_dtype(const Tensor4& t, const MapArgs& a, const Plan& plan, double p, double* part,
-                      cudaStream_t stream) {
+                      unsigned* counter, cudaStream_t stream) {
   if (t.dtype != DType::kFloat64) return cudaErrorInvalidValue;
-  return launch_map<double>(t, a, plan, p, part, stream);
+  return launch_map<double>(t, a, plan, p, part, counter, stream);
 }
 
 MapArgs map_args(const Tensor4& t, int64_t Ho, int64_t Wo, const Plan& plan) {
@@ -614,24 +638,22 @@ MapArgs map_args(const Tensor4& t, int64_t Ho, int64_t Wo, const Plan& plan) {
 
 template <typename acc_t>
 cudaError_t forward_impl(const Tensor4& fs, const Tensor4& ft, double p, double scale, acc_t* workspace,
-                         acc_t* partial, acc_t* coeff, cudaStream_t stream) {
+                         acc_t* partial, acc_t* coeff, unsigned* counter, acc_t* loss, cudaStream_t stream) {
   const int64_t B = fs.size[0], Ho = ft.size[2], Wo = ft.size[3], N = Ho * Wo;
   Plan ps, pt;
   const bool ok_s = make_plan(fs.size, fs.stride, N, ps), ok_t = make_plan(ft.size, ft.stride, N, pt);
   acc_t* ms = workspace;
   acc_t* mt = workspace + ps.splits * B * N;
-  if (N > 0) {
-    if (!ok_s || !ok_t) return cudaErrorInvalidConfiguration;
-    cudaError_t err = map_dtype(fs, map_args(fs, Ho, Wo, ps), ps, p, ms, stream);
-    if (err != cudaSuccess) return err;
-    err = map_dtype(ft, map_args(ft, Ho, Wo, pt), pt, p, mt, stream);
-    if (err != cudaSuccess) return err;
-  }
+  if (N <= 0 || !ok_s || !ok_t) return cudaErrorInvalidConfiguration;
+  cudaError_t err = map_dtype(fs, map_args(fs, Ho, Wo, ps), ps, p, ms, counter, stream);
+  if (err != cudaSuccess) return err;
+  err = map_dtype(ft, map_args(ft, Ho, Wo, pt), pt, p, mt, nullptr, stream);
+  if (err != cudaSuccess) return err;
   if (B > INT32_MAX) return cudaErrorInvalidConfiguration;
   const acc_t inv_cs = acc_t(1) / static_cast<acc_t>(fs.size[1]);
   const acc_t inv_ct = acc_t(1) / static_cast<acc_t>(ft.size[1]);
   finalize<acc_t><<<static_cast<unsigned>(B), kFinalizeThreads, 0, stream>>>(
-      ms, ps.splits, inv_cs, mt, pt.splits, inv_ct, B, N, static_cast<acc_t>(scale), partial, coeff);
+      ms, ps.splits, inv_cs, mt, pt.splits, inv_ct, B, N, static_cast<acc_t>(scale), partial, coeff, counter, loss);
   return cudaGetLastError();
 }
 
@@ -664,13 +686,14 @@ int64_t at_forward_workspace(const Tensor4& fs, const Tensor4& ft) {
 }
 
 cudaError_t at_forward(const Tensor4& fs, const Tensor4& ft, double p, double scale, void* workspace,
-                       void* partial, void* coeff, cudaStream_t stream) {
-  if (fs.size[0] == 0) return cudaSuccess;
+                       void* partial, void* coeff, void* counter, void* loss, cudaStream_t stream) {
+  if (fs.size[0] == 0) return cudaErrorInvalidValue;  // validation rejects empty inputs
+  unsigned* count = static_cast<unsigned*>(counter);
   if (fs.dtype == DType::kFloat64)
     return forward_impl(fs, ft, p, scale, static_cast<double*>(workspace), static_cast<double*>(partial),
-                        static_cast<double*>(coeff), stream);
+                        static_cast<double*>(coeff), count, static_cast<double*>(loss), stream);
   return forward_impl(fs, ft, p, scale, static_cast<float*>(workspace), static_cast<float*>(partial),
-                      static_cast<float*>(coeff), stream);
+                      static_cast<float*>(coeff), count, static_cast<float*>(loss), stream);
 }
 
 cudaError_t at_backward(const void* grad, const Tensor4& fs, void* grad_fs, const int64_t grad_fs_stride[4],

@@ -25,12 +25,15 @@ struct Tensor4 {
 // Number of acc elements of scratch that at_forward needs.
 int64_t at_forward_workspace(const Tensor4& fs, const Tensor4& ft);
 
-// Writes partial[b] = sum_n (a_s - a_t)^2 (B acc elements; the loss is scale * sum_b partial[b])
-// and coeff = d loss / d m_s for a unit upstream gradient (B x Ht x Wt acc elements, contiguous).
-// fs is bilinearly resampled to ft's spatial size when the sizes differ. scale is the reduction
-// factor (1 / (B N), 1 / B or 1). Asynchronous on `stream`; returns the first launch error.
+// Writes *loss = scale * sum_b partial[b] (one acc element), through partial[b] = sum_n
+// (a_s - a_t)^2 (B acc elements of scratch), and coeff = d loss / d m_s for a unit upstream
+// gradient (B x Ht x Wt acc elements, contiguous). fs is bilinearly resampled to ft's spatial
+// size when the sizes differ. scale is the reduction factor (1 / (B N), 1 / B or 1). counter:
+// one unsigned int of scratch (no need to zero it). Three kernels, asynchronous on `stream`;
+// returns the first launch error.
 cudaError_t at_forward(const Tensor4& fs, const Tensor4& ft, double p, double scale,
-                       void* workspace, void* partial, void* coeff, cudaStream_t stream);
+                       void* workspace, void* partial, void* coeff, void* counter, void* loss,
+                       cudaStream_t stream);
 
 // grad_fs (same sizes and dtype as fs, written through grad_fs_stride) from the upstream
 // gradient `grad` (one acc element on the device) and coeff (B x Ho x Wo acc, contiguous).

@@ -9,6 +9,7 @@
 
 #include <tuple>
 
+#include "cuda/finish_kernel.h"
 #include "cuda/pixel_kl_kernel.h"
 #include "cuda/tensor_view.h"
 
@@ -65,9 +66,13 @@ std::tuple<at::Tensor, at::Tensor> pixel_kl_cuda(const at::Tensor& zs, const at:
       at::cuda::getCurrentCUDAStream()));
   // A fixed-order sum of the per-block partials keeps the loss deterministic. Nothing counted:
   // 0 / 0 = NaN, like the reference.
-  at::Tensor total = partial.sum() * (temperature * temperature);
-  at::Tensor loss = count.defined() ? total / count : total / static_cast<double>(B * H * W);
-  return {loss.to(acc), grad};
+  const double t2 = temperature * temperature;
+  at::Tensor loss = at::empty({}, zs.options().dtype(acc));
+  C10_CUDA_CHECK(gpu::finish_sum(partial.data_ptr(), true, partial.numel(),
+                                 count.defined() ? t2 : t2 / static_cast<double>(B * H * W),
+                                 count.defined() ? count.data_ptr<int64_t>() : nullptr, loss.data_ptr(),
+                                 acc == at::kDouble, at::cuda::getCurrentCUDAStream()));
+  return {loss, grad};
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 
 #include <tuple>
 
+#include "cuda/finish_kernel.h"
 #include "cuda/sgm_kernel.h"
 #include "cuda/tensor_view.h"
 
@@ -44,7 +45,10 @@ std::tuple<at::Tensor, at::Tensor> sgm_cuda(const at::Tensor& ps, const at::Tens
   C10_CUDA_CHECK(gpu::sgm_forward(vs, vt, l1, (l1 ? 2.0 : 4.0) / n, need_grad ? grad.data_ptr() : nullptr,
                                   gstride, partial.data_ptr(), at::cuda::getCurrentCUDAStream()));
   // A fixed-order reduction of the per-tile partials keeps the loss deterministic.
-  return {partial.sum() / n, grad};
+  at::Tensor loss = at::empty({}, partial.options());
+  C10_CUDA_CHECK(gpu::finish_sum(partial.data_ptr(), acc == at::kDouble, partial.numel(), 1.0 / n, nullptr,
+                                 loss.data_ptr(), acc == at::kDouble, at::cuda::getCurrentCUDAStream()));
+  return {loss, grad};
 }
 
 }  // namespace

@@ -26,23 +26,9 @@ def _fake_backward(grad, fs, coeff, p):
     return torch.empty_like(fs)
 
 
-def _setup_context(ctx, inputs, output):
-    fs, _, p, _ = inputs
-    ctx.save_for_backward(fs, output[1])
-    ctx.p = p
-
-
-def _backward(ctx, grad_loss, _grad_coeff):
-    fs, coeff = ctx.saved_tensors
-    grad_fs = torch.ops.kdkernels.attention_transfer_backward(grad_loss, fs, coeff, ctx.p)
-    return grad_fs, None, None, None
-
-
 if _dispatch._STATUS["cpu"]["available"]:
     torch.library.register_fake("kdkernels::attention_transfer")(_fake_forward)
     torch.library.register_fake("kdkernels::attention_transfer_backward")(_fake_backward)
-    torch.library.register_autograd(
-        "kdkernels::attention_transfer", _backward, setup_context=_setup_context)
 
 
 def attention_transfer(fs, ft, p, reduction):

@@ -29,29 +29,13 @@ def _fake_backward(grad, fs, grad_gram, row_stats, normalize, tau):
     return torch.empty_like(fs)
 
 
-def _setup_context(ctx, inputs, output):
-    fs, _, normalize, _, tau = inputs
-    ctx.save_for_backward(fs, output[1], output[2])
-    ctx.normalize = normalize
-    ctx.tau = tau
-
-
-def _backward(ctx, grad_loss, _grad_gram, _grad_stats):
-    fs, grad_gram, row_stats = ctx.saved_tensors
-    grad_fs = torch.ops.kdkernels.channel_relation_backward(
-        grad_loss, fs, grad_gram, row_stats, ctx.normalize, ctx.tau)
-    return grad_fs, None, None, None, None
-
-
 if _dispatch._STATUS["cpu"]["available"]:
     torch.library.register_fake("kdkernels::channel_relation")(_fake_forward)
     torch.library.register_fake("kdkernels::channel_relation_backward")(_fake_backward)
-    torch.library.register_autograd(
-        "kdkernels::channel_relation", _backward, setup_context=_setup_context)
 
 
 def channel_relation(fs, ft, normalize, distance, tau):
     """Validated inputs (equal shapes); returns the loss. A float64/other mix runs in float64."""
     if (fs.dtype == torch.float64) != (ft.dtype == torch.float64):
         fs, ft = fs.double(), ft.double()
-    return torch.ops.kdkernels.channel_relation(fs, ft.detach(), normalize, distance, float(tau))[0]
+    return torch.ops.kdkernels.channel_relation(fs, ft, normalize, distance, float(tau))[0]

@@ -31,28 +31,13 @@ def _fake_backward(grad, fs, ft, stats, tau):
     return torch.empty_like(fs)
 
 
-def _setup_context(ctx, inputs, output):
-    fs, ft, tau = inputs
-    ctx.save_for_backward(fs, ft, output[1])
-    ctx.mark_non_differentiable(output[1])
-    ctx.tau = tau
-
-
-def _backward(ctx, grad_loss, _grad_stats):
-    fs, ft, stats = ctx.saved_tensors
-    grad_fs = torch.ops.kdkernels.channel_wise_kl_backward(grad_loss, fs, ft, stats, ctx.tau)
-    return grad_fs, None, None
-
-
 if _dispatch._STATUS["cpu"]["available"]:
     torch.library.register_fake("kdkernels::channel_wise_kl")(_fake_forward)
     torch.library.register_fake("kdkernels::channel_wise_kl_backward")(_fake_backward)
-    torch.library.register_autograd(
-        "kdkernels::channel_wise_kl", _backward, setup_context=_setup_context)
 
 
 def channel_wise_kl(fs, ft, tau):
     """Validated inputs of equal shapes; returns the loss. A float64/other mix runs in float64."""
     if (fs.dtype == torch.float64) != (ft.dtype == torch.float64):
         fs, ft = fs.double(), ft.double()
-    return torch.ops.kdkernels.channel_wise_kl(fs, ft.detach(), float(tau))[0]
+    return torch.ops.kdkernels.channel_wise_kl(fs, ft, float(tau))[0]

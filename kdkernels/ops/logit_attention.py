@@ -22,24 +22,8 @@ def _fake(ps, pt, tau, need_grad):
     return ps.new_empty((), dtype=acc), unit
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1])
-    ctx.dtype = inputs[0].dtype
-
-
-def _backward(ctx, grad_loss, _grad_unit):
-    (unit,) = ctx.saved_tensors
-    if unit.numel() == 0:
-        raise RuntimeError("kdkernels::logit_attention was called with need_grad=False; call it "
-                           "with need_grad=True to differentiate it")
-    return (grad_loss * unit).to(ctx.dtype), None, None, None
-
-
 if _dispatch._STATUS["cpu"]["available"]:
     torch.library.register_fake("kdkernels::logit_attention")(_fake)
-    torch.library.register_autograd("kdkernels::logit_attention", _backward,
-                                    setup_context=_setup_context)
 
 
 def logit_attention(ps, pt, tau):
@@ -50,4 +34,4 @@ def logit_attention(ps, pt, tau):
     if ps.dim() == 3:
         ps, pt = ps.unsqueeze(1), pt.unsqueeze(1)
     need_grad = ps.requires_grad and torch.is_grad_enabled()
-    return torch.ops.kdkernels.logit_attention(ps, pt.detach(), float(tau), need_grad)[0]
+    return torch.ops.kdkernels.logit_attention(ps, pt, float(tau), need_grad)[0]

@@ -25,30 +25,13 @@ def prepare(zs: torch.Tensor, zt: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return zs, zt.detach(), zs.requires_grad and torch.is_grad_enabled()
 
 
-def scale_grad(grad_unit: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
-    if grad_unit.numel() == 0:
-        raise RuntimeError("pixel_kl: backward through a call made with need_grad=False")
-    return grad_unit * grad_loss  # a 0-dim factor: the result keeps zs's dtype and layout
-
-
 def _fake(zs, zt, temperature, mask, need_grad):
     loss = zs.new_empty((), dtype=acc_dtype(zs))
     return loss, torch.empty_like(zs) if need_grad else zs.new_empty((0,))
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1])
-
-
-def _backward(ctx, grad_loss, _grad_unit):
-    (grad_unit,) = ctx.saved_tensors
-    return scale_grad(grad_unit, grad_loss), None, None, None, None
-
-
 if _dispatch._STATUS["cpu"]["available"]:
     torch.library.register_fake("kdkernels::pixel_kl")(_fake)
-    torch.library.register_autograd("kdkernels::pixel_kl", _backward, setup_context=_setup_context)
 
 
 def pixel_kl(zs, zt, temperature, mask):

@@ -31,17 +31,6 @@ def _fake_mse_backward(grad, fs, ft, m_ss, m_st):
     return torch.empty_like(fs)
 
 
-def _setup_mse(ctx, inputs, output):
-    fs, ft = inputs
-    ctx.save_for_backward(fs, ft, output[1], output[2])
-
-
-def _backward_mse(ctx, grad_loss, _grad_mss, _grad_mst):
-    fs, ft, m_ss, m_st = ctx.saved_tensors
-    grad_fs = torch.ops.kdkernels.pixel_relation_mse_backward(grad_loss, fs, ft, m_ss, m_st)
-    return grad_fs, None
-
-
 def _fake_kl(fs, ft, tau):
     b, n = fs.shape[0], fs.shape[2] * fs.shape[3]
     loss = fs.new_empty((), dtype=acc_dtype(fs))
@@ -53,27 +42,11 @@ def _fake_kl_backward(grad, fs, ft, lse_s, lse_t, tau):
     return torch.empty_like(fs)
 
 
-def _setup_kl(ctx, inputs, output):
-    fs, ft, tau = inputs
-    ctx.save_for_backward(fs, ft, output[1], output[2])
-    ctx.tau = tau
-
-
-def _backward_kl(ctx, grad_loss, _grad_lse_s, _grad_lse_t):
-    fs, ft, lse_s, lse_t = ctx.saved_tensors
-    grad_fs = torch.ops.kdkernels.pixel_relation_kl_backward(grad_loss, fs, ft, lse_s, lse_t, ctx.tau)
-    return grad_fs, None, None
-
-
 if _dispatch._STATUS["cpu"]["available"]:
     torch.library.register_fake("kdkernels::pixel_relation_mse")(_fake_mse)
     torch.library.register_fake("kdkernels::pixel_relation_mse_backward")(_fake_mse_backward)
-    torch.library.register_autograd(
-        "kdkernels::pixel_relation_mse", _backward_mse, setup_context=_setup_mse)
     torch.library.register_fake("kdkernels::pixel_relation_kl")(_fake_kl)
     torch.library.register_fake("kdkernels::pixel_relation_kl_backward")(_fake_kl_backward)
-    torch.library.register_autograd(
-        "kdkernels::pixel_relation_kl", _backward_kl, setup_context=_setup_kl)
 
 
 def pixel_relation(fs, ft, distance, tau):
@@ -81,7 +54,6 @@ def pixel_relation(fs, ft, distance, tau):
     runs in float64."""
     if (fs.dtype == torch.float64) != (ft.dtype == torch.float64):
         fs, ft = fs.double(), ft.double()
-    ft = ft.detach()
     if distance == "mse":
         return torch.ops.kdkernels.pixel_relation_mse(fs, ft)[0]
     return torch.ops.kdkernels.pixel_relation_kl(fs, ft, float(tau))[0]

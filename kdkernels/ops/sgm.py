@@ -33,24 +33,11 @@ def fake(ps, pt, distance, need_grad):
     return ps.new_empty((), dtype=acc_dtype(ps)), unit
 
 
-def setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1])
-
-
-def backward(ctx, grad_loss, _grad_unit):
-    (unit,) = ctx.saved_tensors
-    if unit.numel() == 0:
-        raise RuntimeError("sgm: the op ran with need_grad=False, so it saved no gradient")
-    return unit * grad_loss, None, None, None
-
-
 if _dispatch._STATUS["cpu"]["available"]:
     torch.library.register_fake("kdkernels::sgm")(fake)
-    torch.library.register_autograd("kdkernels::sgm", backward, setup_context=setup_context)
 
 
 def sgm(ps, pt, distance):
     """Validated inputs (equal square shapes); returns the loss."""
-    ps, pt = same_dtype(ps, pt.detach())
+    ps, pt = same_dtype(ps, pt)
     return torch.ops.kdkernels.sgm(ps, pt, distance, need_grad(ps))[0]

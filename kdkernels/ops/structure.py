@@ -25,30 +25,11 @@ def _fake_forward(logits, mask, need_grad):
     return logits.new_empty((), dtype=acc), unit
 
 
-def _setup_context(ctx, inputs, output):
-    logits, _, need_grad = inputs
-    ctx.need_grad = need_grad
-    ctx.dtype = logits.dtype
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)  # no zero-filled gradient for unit: it is never read
-
-
-def _backward(ctx, grad_loss, _grad_unit):
-    if grad_loss is None:  # (materialize_grads is off) no gradient reached the loss
-        return None, None, None
-    if not ctx.need_grad:
-        raise RuntimeError("kdkernels::structure was called with need_grad=False; no gradient kept")
-    (unit,) = ctx.saved_tensors
-    return (unit * grad_loss).to(ctx.dtype), None, None
-
-
 if _dispatch._STATUS["cpu"]["available"]:
     torch.library.register_fake("kdkernels::structure")(_fake_forward)
-    torch.library.register_autograd("kdkernels::structure", _backward, setup_context=_setup_context)
 
 
 def structure(logits, mask):
     """Validated inputs of one shape; returns the loss (0-dim, float32 or float64)."""
     need_grad = logits.requires_grad and torch.is_grad_enabled()
-    return torch.ops.kdkernels.structure(logits, mask.detach(), need_grad)[0]
+    return torch.ops.kdkernels.structure(logits, mask, need_grad)[0]

@@ -4,14 +4,24 @@ Device helpers (@triton.jit): _div (round-to-nearest division), _inv_norm (1 / m
 _log1p_minus_x (log(1 + v) - v without cancellation, for the near-teacher KLs),
 _cast_for (rounding conversion for a store), _pixel_offsets (element offsets of flat pixel
 indices through the H/W strides), _mm (a tile matrix product in the accumulation type, see its
-docstring for the precision per dtype), _gram_kernel (split-K Gram matrices over the pixels,
-shared by the channel and pixel relations).
-Host helpers: _acc_dtype, _flat, _strides, _scalar, _pow2, _batch_chunks (the launches of a
-batch too long for one grid axis), _gram, _define_op (triton_op on the GPU, custom_op under
-TRITON_INTERPRET=1).
+docstring for the precision per dtype), _f64 (a float64 parameter passed as bits), _fixed_sum.
+Kernels: _finish_kernel (a loss as the fixed-order sum of partials), _scale_kernel (a unit
+gradient times the upstream gradient).
+Host helpers: _acc_dtype, _flat, _strides, _bits, _pow2, _batch_chunks (the launches of a batch
+too long for one grid axis), _finish, _scaled, _launch, and fused_loss, which registers a loss
+(triton_op on the GPU, custom_op under TRITON_INTERPRET=1) and its eager autograd.Function.
+
+No op calls torch for arithmetic around its kernels: parameters travel as kernel arguments (not
+as device scalars, which cost a fill kernel each), the last reductions are kernels of their own,
+and the upstream gradient is read by the backward kernel from device memory (no host sync).
 """
 
 from __future__ import annotations
+
+import inspect
+import struct
+import threading
+from contextlib import contextmanager
 
 import torch
 import triton
@@ -159,10 +169,78 @@ def _strides(x: torch.Tensor) -> tuple:
     return x.stride(0), x.stride(1), x.stride(2), x.stride(3), s_n, flat
 
 
-def _scalar(value: float, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A 0-dim device tensor holding value: the kernels read float parameters such as tau from
-    memory because Triton passes Python floats as float32 (too coarse for float64 inputs)."""
-    return torch.full((), value, dtype=dtype, device=like.device)
+def _bits(value: float) -> int:
+    """A float parameter as the int64 bit pattern of its float64 value, for _f64 in a kernel:
+    Triton passes a Python float as float32 (too coarse for float64 inputs), and a device tensor
+    would cost a fill kernel per call. Positive normal floats have patterns >= 2^52, which Triton
+    types as int64 (declare the argument in do_not_specialize: its low bits vary)."""
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+@triton.jit
+def _f64(bits):
+    """The float64 value whose bit pattern _bits passed."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _fixed_sum(ptr, n, BLOCK: tl.constexpr):
+    """sum of ptr[0:n] in ptr's type, in an order fixed by n and BLOCK (deterministic)."""
+    acc = tl.zeros([BLOCK], dtype=ptr.dtype.element_ty)
+    for start in range(0, n, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        acc += tl.load(ptr + i, mask=i < n, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+_FINISH_BLOCK = 1024
+
+
+@triton.jit
+def _finish_kernel(part_ptr, n, mul_bits, loss_ptr, BLOCK: tl.constexpr):
+    """loss = mul * (the fixed-order sum of the n partials): the last step of a loss, one program."""
+    ACC: tl.constexpr = part_ptr.dtype.element_ty
+    total = _fixed_sum(part_ptr, n, BLOCK) * _f64(mul_bits).to(ACC)
+    tl.store(loss_ptr, _cast_for(total, loss_ptr))
+
+
+def _finish(partial: torch.Tensor, mul: float, dtype=None) -> torch.Tensor:
+    """The 0-dim loss mul * sum(partial) (1-D, contiguous), summed in a fixed order in the
+    partials' type, in `dtype` (default: the partials')."""
+    loss = partial.new_empty((), dtype=dtype or partial.dtype)
+    _launch(_finish_kernel)[(1,)](partial, partial.numel(), _bits(mul), loss,
+                                  BLOCK=_FINISH_BLOCK, num_warps=4)
+    return loss
+
+
+@triton.jit
+def _scale_kernel(x_ptr, out_ptr, n, g_ptr, f_ptr, HAS_F: tl.constexpr, BLOCK: tl.constexpr):
+    """out = x * g (* f): a unit gradient scaled by the upstream gradient g (and a factor f that
+    the forward left on the device), flat over dense storage, in float32 or float64."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if x_ptr.dtype.element_ty.is_fp64():
+        x = tl.load(x_ptr + i, mask=i < n, other=0.0)
+    else:
+        x = tl.load(x_ptr + i, mask=i < n, other=0.0).to(tl.float32)
+    k = tl.load(g_ptr).to(x.dtype)
+    if HAS_F:
+        k = k * tl.load(f_ptr).to(x.dtype)
+    tl.store(out_ptr + i, _cast_for(x * k, out_ptr), mask=i < n)
+
+
+_SCALE_BLOCK = 1024
+
+
+def _scaled(unit: torch.Tensor, grad: torch.Tensor, factor=None, dtype=None) -> torch.Tensor:
+    """unit * grad (* factor) in `dtype` (default unit's), with unit's strides: one kernel.
+    unit must be dense (non-overlapping, no gaps: a fresh empty_like is), so that its storage is
+    walked flat."""
+    out = torch.empty_like(unit, dtype=dtype or unit.dtype)
+    n = unit.numel()
+    _launch(_scale_kernel)[(triton.cdiv(n, _SCALE_BLOCK),)](
+        unit, out, n, grad, grad if factor is None else factor,
+        HAS_F=factor is not None, BLOCK=_SCALE_BLOCK, num_warps=4)
+    return out
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -178,14 +256,94 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 # opaque to torch.compile, whose body runs eagerly on real CPU tensors.
 _define_op = torch.library.custom_op if _interpreted(_div) else triton_op
 
+# Outside compilation the ops run through a plain torch.autograd.Function (fused_loss below) and
+# launch their kernels directly: wrap_triton's tracing wrapper is only needed while triton_op is
+# traced. A flag, not a check of the tracing state, so no tracing case can be missed.
+_direct = threading.local()
 
-# --- split-K Gram matrices ------------------------------------------------------------------
 
-# Gram tiles: [BC1, BC2] outputs, BK pixels per step. float32/16-bit: tl.dot tiles up to 64 x 64
-# with 64-pixel steps; float64 (FMA broadcast in _mm): 32 x 8 x 32 products per step.
-_GRAM_BLOCK = (64, 64)  # (max BC, BK) for float32 accumulation
-_GRAM_BLOCK_FP64 = (32, 8)
-_GRAM_WARPS = (8, 4)  # (float32 accumulation, float64): no spills in ptxas's sm_90 reports
+def _launch(kernel):
+    """kernel itself in an eager fused_loss call, else wrap_triton(kernel) (triton_op bodies)."""
+    return kernel if getattr(_direct, "on", False) else wrap_triton(kernel)
+
+
+@contextmanager
+def _launching_directly():
+    previous = getattr(_direct, "on", False)
+    _direct.on = True
+    try:
+        yield
+    finally:
+        _direct.on = previous
+
+
+def _plain(*tensors) -> bool:
+    """Whether the eager Function may run: plain tensors (no fake or other subclass), no
+    compilation and no dispatch mode (FakeTensorMode, FlopCounterMode, ...) active."""
+    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and all(type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors))
+
+
+def fused_loss(name: str, forward, backward, fake_forward, fake_backward,
+               saved_inputs: tuple, const_inputs: tuple):
+    """Registers the Triton loss kdkernels::<name> and its backward; returns call(*inputs) -> loss.
+
+    forward(*inputs) -> (loss, *aux): the kernels, annotated for the op schema. backward(grad,
+    *saved, *aux, *consts) -> gradient of inputs[0], where saved / consts are the inputs at
+    saved_inputs (tensors) / const_inputs (parameters). The aux tensors are saved, never
+    differentiated, and no zero gradient is materialised for them.
+
+    The op pair (triton_op on the GPU, custom_op in the interpreter) serves torch.compile and
+    opcheck; eager calls take a plain autograd.Function over the same bodies, which costs the
+    host a fraction of a custom op's autograd (measured by `python -m bench --overhead`).
+    """
+    fwd_op = _define_op(f"kdkernels::{name}", mutates_args=())(forward)
+    bwd_op = _define_op(f"kdkernels::{name}_backward", mutates_args=())(backward)
+    fwd_op.register_fake(fake_forward)
+    bwd_op.register_fake(fake_backward)
+    n_inputs = len(inspect.signature(forward).parameters)
+
+    def save(ctx, inputs, aux):
+        ctx.save_for_backward(*(inputs[i] for i in saved_inputs), *aux)
+        ctx.consts = tuple(inputs[i] for i in const_inputs)
+        ctx.set_materialize_grads(False)
+
+    def setup_context(ctx, inputs, output):
+        save(ctx, inputs, output[1:])
+        ctx.mark_non_differentiable(*output[1:])
+
+    def op_backward(ctx, grad, *_aux_grads):
+        grad_input = None if grad is None else bwd_op(grad, *ctx.saved_tensors, *ctx.consts)
+        return (grad_input,) + (None,) * (n_inputs - 1)
+
+    torch.library.register_autograd(f"kdkernels::{name}", op_backward, setup_context=setup_context)
+
+    def eager_forward(ctx, *inputs):
+        with _launching_directly():
+            loss, *aux = forward(*inputs)
+        save(ctx, inputs, aux)
+        return loss
+
+    def eager_backward(ctx, grad):
+        if grad is None:
+            return (None,) * n_inputs
+        with _launching_directly():
+            grad_input = backward(grad, *ctx.saved_tensors, *ctx.consts)
+        return (grad_input,) + (None,) * (n_inputs - 1)
+
+    # Named after the op, so that a loss's grad_fn says which (e.g. SgmTritonBackward).
+    eager = type("".join(w.title() for w in name.split("_")), (torch.autograd.Function,),
+                 {"forward": staticmethod(eager_forward), "backward": staticmethod(eager_backward)})
+    op_packet = getattr(torch.ops.kdkernels, name)
+
+    def call(*inputs):
+        if _plain(inputs[0], inputs[1]):
+            return eager.apply(*inputs)
+        return op_packet(*inputs)[0]
+
+    return call
+
+
 @triton.jit
 def _log1p_minus_x(v):
     """log(1 + v) - v without cancellation: its series (to v^17) for |v| < 0.1."""
@@ -220,92 +378,3 @@ def _batch_chunks(n) -> list[tuple[int, int]]:
     return [(b0, min(_GRID_YZ_MAX, n - b0)) for b0 in range(0, n, _GRID_YZ_MAX)]
 
 
-# Split-K: the pixel range is cut into equal chunks so that about this many programs run; the
-# per-split partial Grams are then summed in a fixed order (deterministic, no atomics). A fixed
-# target (not the SM count) keeps the summation order, hence the bits, device-independent.
-_GRAM_TARGET_PROGRAMS = 512
-GRAM_RAW, GRAM_SOFTMAX_ROWS, GRAM_PIXEL_NORM = 0, 1, 2
-
-
-@triton.jit
-def _gram_kernel(
-    x_ptr, y_ptr, xs_ptr, ys_ptr, tau_ptr, out_ptr,
-    B, b0, C1, C2, N, W, chunk,
-    xB, xC, xH, xW, xN,
-    yB, yC, yH, yW, yN,
-    MODE: tl.constexpr, XFLAT: tl.constexpr, YFLAT: tl.constexpr,
-    BC1: tl.constexpr, BC2: tl.constexpr, BK: tl.constexpr,
-):
-    """out[split, b, c1, c2] = sum over the split's pixels n of X~[b, c1, n] * Y~[b, c2, n].
-
-    MODE 0 (raw): X~ = x. MODE 1 (softmax rows): X~ = exp(x / tau - max_n(x / tau)), xs/ys the
-    (B, C, 2) row stats [max, sum] (the caller divides by sum_i sum_j), tau_ptr the 0-dim tau
-    in ACC. MODE 2 (pixel norm):
-    X~ = x / max(||x[b, :, n]||, eps), xs/ys the (B, N) pixel norms.
-    """
-    ACC: tl.constexpr = out_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    b = (tl.program_id(2) + b0).to(tl.int64)
-    tiles2 = tl.cdiv(C2, BC2)
-    c1 = (pid // tiles2) * BC1 + tl.arange(0, BC1)
-    c2 = (pid % tiles2) * BC2 + tl.arange(0, BC2)
-    m1 = c1 < C1
-    m2 = c2 < C2
-    x_base = x_ptr + b * xB + (c1.to(tl.int64) * xC)[:, None]
-    y_base = y_ptr + b * yB + (c2.to(tl.int64) * yC)[None, :]
-    if MODE == 1:
-        tau = tl.load(tau_ptr)
-        max1 = tl.load(xs_ptr + (b * C1 + c1) * 2, mask=m1, other=0.0)
-        max2 = tl.load(ys_ptr + (b * C2 + c2) * 2, mask=m2, other=0.0)
-    acc = tl.zeros([BC1, BC2], dtype=ACC)
-    start = split * chunk
-    end = tl.minimum(start + chunk, N)
-    for k0 in range(start, end, BK):
-        n = k0 + tl.arange(0, BK)
-        mn = n < end
-        mx = m1[:, None] & mn[None, :]
-        my = mn[:, None] & m2[None, :]
-        x = tl.load(x_base + _pixel_offsets(n, W, xH, xW, xN, XFLAT)[None, :], mask=mx, other=0.0)
-        y = tl.load(y_base + _pixel_offsets(n, W, yH, yW, yN, YFLAT)[:, None], mask=my, other=0.0)
-        if MODE == 1:
-            x = tl.where(mx, tl.exp(_div(x.to(ACC), tau) - max1[:, None]), 0.0)
-            y = tl.where(my, tl.exp(_div(y.to(ACC), tau) - max2[None, :]), 0.0)
-        elif MODE == 2:
-            inv_x = _inv_norm(tl.load(xs_ptr + b * N + n, mask=mn, other=1.0))
-            inv_y = _inv_norm(tl.load(ys_ptr + b * N + n, mask=mn, other=1.0))
-            x = x.to(ACC) * inv_x[None, :]
-            y = y.to(ACC) * inv_y[:, None]
-        acc = _mm(x, y, acc)
-    out = out_ptr + ((split * B + b) * C1 + c1[:, None]) * C2 + c2[None, :]
-    tl.store(out, acc, mask=m1[:, None] & m2[None, :])
-
-
-def _gram(x, y, xs, ys, mode: int, acc: torch.dtype, tau=None) -> torch.Tensor:
-    """(B, C1, C2) Gram of x (B, C1, H, W) and y (B, C2, H, W) over the pixels, split-K.
-
-    xs, ys: the row stats (mode GRAM_SOFTMAX_ROWS, with tau a 0-dim acc tensor) or the pixel
-    norms (GRAM_PIXEL_NORM) of x and y; ignored (any tensor) for GRAM_RAW.
-    """
-    B, C1, H, W = x.shape
-    C2 = y.shape[1]
-    N = H * W
-    max_bc, bk = _GRAM_BLOCK_FP64 if acc == torch.float64 else _GRAM_BLOCK
-    bc1, bc2 = _pow2(C1, 16, max_bc), _pow2(C2, 16, max_bc)
-    tiles = triton.cdiv(C1, bc1) * triton.cdiv(C2, bc2)
-    split = max(1, min(triton.cdiv(N, bk), _GRAM_TARGET_PROGRAMS // (tiles * B)))
-    chunk = triton.cdiv(triton.cdiv(N, split), bk) * bk
-    split = triton.cdiv(N, chunk)
-    partial = torch.empty((split, B, C1, C2), dtype=acc, device=x.device)
-    xB, xC, xH, xW, xN, xflat = _strides(x)
-    yB, yC, yH, yW, yN, yflat = _strides(y)
-    for b0, nb in _batch_chunks(B):
-        wrap_triton(_gram_kernel)[(tiles, split, nb)](
-            x, y, xs, ys, xs if tau is None else tau, partial,
-            B, b0, C1, C2, N, W, chunk,
-            xB, xC, xH, xW, xN,
-            yB, yC, yH, yW, yN,
-            MODE=mode, XFLAT=xflat, YFLAT=yflat, BC1=bc1, BC2=bc2, BK=bk,
-            num_warps=_GRAM_WARPS[acc == torch.float64],
-        )
-    return partial.sum(0)

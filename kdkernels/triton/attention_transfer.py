@@ -29,16 +29,17 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from kdkernels.triton._common import (
     _EPS,
     _acc_dtype,
     _batch_chunks,
-    _define_op,
     _div,
+    _finish,
     _flat,
+    _launch,
     _pixel_offsets,
+    fused_loss,
 )
 
 __all__ = ["attention_transfer"]
@@ -133,19 +134,13 @@ def _sample(base, coff, mask, h0, h1, w0, w1, lh0, lh1, lw0, lw1, sH, sW, ACC: t
 
 
 @triton.jit
-def _at_map_kernel(
-    x_ptr, m_ptr,
-    b0, C, H, W, Wo, N,
-    sB, sC, sH, sW, sN,
-    scale_h, scale_w, p,
+def _map_tile(
+    x_ptr, m_ptr, pid_n, b, C, H, W, Wo, N, sB, sC, sH, sW, sN, scale_h, scale_w, p,
     P: tl.constexpr, RESIZE: tl.constexpr, FLAT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """m[b, n] = (1/C) sum_c |y[b, c, n]|^p over the Ho x Wo grid (N = Ho * Wo)."""
+    """m[b, n] = (1/C) sum_c |y[b, c, n]|^p for one block of the Ho x Wo grid (N = Ho * Wo)."""
     ACC: tl.constexpr = m_ptr.dtype.element_ty
-    scale_h, scale_w, p = _float_args(scale_h, scale_w, p, ACC)
-    pid_n = tl.program_id(0)
-    b = (tl.program_id(1) + b0).to(tl.int64)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = n < N
     base = x_ptr + b * sB
@@ -166,6 +161,30 @@ def _at_map_kernel(
         acc += _power(v, p, P)  # masked lanes load 0 and |0|^p = 0
     m = _div(tl.sum(acc, axis=0), C)
     tl.store(m_ptr + b * N + n, m, mask=mask_n)
+
+
+@triton.jit
+def _at_map_kernel(
+    s_ptr, t_ptr, ms_ptr, mt_ptr,
+    b0, tiles_s, Cs, Hs, Ws, Ct, Wo, N,
+    sB, sC, sH, sW, sN,
+    tB, tC, tH, tW, tN,
+    scale_h, scale_w, p,
+    P: tl.constexpr, RESIZE: tl.constexpr, SFLAT: tl.constexpr, TFLAT: tl.constexpr,
+    BLOCK_CS: tl.constexpr, BLOCK_NS: tl.constexpr, BLOCK_CT: tl.constexpr, BLOCK_NT: tl.constexpr,
+):
+    """The channel-mean power maps of the student (the first tiles_s programs of axis 0, its
+    resample when RESIZE) and of the teacher (the rest), in one launch."""
+    ACC: tl.constexpr = ms_ptr.dtype.element_ty
+    scale_h, scale_w, p = _float_args(scale_h, scale_w, p, ACC)
+    pid = tl.program_id(0)
+    b = (tl.program_id(1) + b0).to(tl.int64)
+    if pid < tiles_s:
+        _map_tile(s_ptr, ms_ptr, pid, b, Cs, Hs, Ws, Wo, N, sB, sC, sH, sW, sN, scale_h, scale_w,
+                  p, P, RESIZE, SFLAT, BLOCK_CS, BLOCK_NS)
+    else:
+        _map_tile(t_ptr, mt_ptr, pid - tiles_s, b, Ct, 1, Wo, Wo, N, tB, tC, tH, tW, tN, 1.0,
+                  1.0, p, P, False, TFLAT, BLOCK_CT, BLOCK_NT)
 
 
 @triton.jit
@@ -307,21 +326,26 @@ def _resize_params(size_in: int, size_out: int) -> tuple[float, int]:
     return float(scale), window
 
 
-def _launch_map(x: torch.Tensor, m: torch.Tensor, p: float, power: int) -> None:
-    B, C, H, W = x.shape
-    Ho, Wo = m.shape[1], m.shape[2]
+def _launch_maps(fs: torch.Tensor, ft: torch.Tensor, ms: torch.Tensor, mt: torch.Tensor,
+                 p: float) -> None:
+    B, Cs, Hs, Ws = fs.shape
+    Ct, Ho, Wo = ft.shape[1], ft.shape[2], ft.shape[3]
     N = Ho * Wo
-    resize = (H, W) != (Ho, Wo)
-    scale_h = _resize_params(H, Ho)[0] if resize else 1.0
-    scale_w = _resize_params(W, Wo)[0] if resize else 1.0
-    flat, s_n = _flat(x)
-    block_c, block_n = _tile(x)
+    resize = (Hs, Ws) != (Ho, Wo)
+    scale_h = _resize_params(Hs, Ho)[0] if resize else 1.0
+    scale_w = _resize_params(Ws, Wo)[0] if resize else 1.0
+    s_flat, s_n = _flat(fs)
+    t_flat, t_n = _flat(ft)
+    block_cs, block_ns = _tile(fs)
+    block_ct, block_nt = _tile(ft)
+    tiles_s = triton.cdiv(N, block_ns)
     for b0, nb in _batch_chunks(B):
-        wrap_triton(_at_map_kernel)[(triton.cdiv(N, block_n), nb)](
-            x, m, b0, C, H, W, Wo, N,
-            x.stride(0), x.stride(1), x.stride(2), x.stride(3), s_n,
+        _launch(_at_map_kernel)[(tiles_s + triton.cdiv(N, block_nt), nb)](
+            fs, ft, ms, mt, b0, tiles_s, Cs, Hs, Ws, Ct, Wo, N,
+            *fs.stride(), s_n, *ft.stride(), t_n,
             scale_h, scale_w, p,
-            P=power, RESIZE=resize, FLAT=flat, BLOCK_C=block_c, BLOCK_N=block_n,
+            P=_power_kind(p), RESIZE=resize, SFLAT=s_flat, TFLAT=t_flat,
+            BLOCK_CS=block_cs, BLOCK_NS=block_ns, BLOCK_CT=block_ct, BLOCK_NT=block_nt,
             num_warps=_NUM_WARPS,
         )
 
@@ -329,7 +353,6 @@ def _launch_map(x: torch.Tensor, m: torch.Tensor, p: float, power: int) -> None:
 _DENOM = {"mean": lambda b, n: b * n, "batchmean": lambda b, n: b, "sum": lambda b, n: 1}
 
 
-@_define_op("kdkernels::attention_transfer_triton", mutates_args=())
 def _attention_transfer_fwd(
     fs: torch.Tensor, ft: torch.Tensor, p: float, reduction: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,20 +362,17 @@ def _attention_transfer_fwd(
     B, Ho, Wo = ft.shape[0], ft.shape[2], ft.shape[3]
     N = Ho * Wo
     acc = _acc_dtype(fs)
-    power = _power_kind(p)
     ms = torch.empty((B, Ho, Wo), dtype=acc, device=fs.device)
     mt = torch.empty((B, Ho, Wo), dtype=acc, device=fs.device)
     coeff = torch.empty((B, Ho, Wo), dtype=acc, device=fs.device)
     partial = torch.empty((B,), dtype=acc, device=fs.device)
-    _launch_map(fs, ms, p, power)
-    _launch_map(ft, mt, p, power)
+    _launch_maps(fs, ft, ms, mt, p)
     denom = _DENOM[reduction](B, N)
-    wrap_triton(_at_finalize_kernel)[(B,)](
+    _launch(_at_finalize_kernel)[(B,)](
         ms, mt, coeff, partial, N, denom, BLOCK=_BLOCK_FINALIZE, num_warps=_NUM_WARPS)
-    return partial.sum() / denom, coeff
+    return _finish(partial, 1.0 / denom), coeff
 
 
-@_define_op("kdkernels::attention_transfer_triton_backward", mutates_args=())
 def _attention_transfer_bwd(
     grad: torch.Tensor, fs: torch.Tensor, coeff: torch.Tensor, p: float
 ) -> torch.Tensor:
@@ -370,7 +390,7 @@ def _attention_transfer_bwd(
     block_c, block_n = _tile(fs)
     tiles = (triton.cdiv(H * W, block_n), triton.cdiv(C, block_c))
     for b0, nb in _batch_chunks(B):
-        wrap_triton(_at_backward_kernel)[(*tiles, nb)](
+        _launch(_at_backward_kernel)[(*tiles, nb)](
             grad, fs, coeff, gx,
             b0, C, H, W, Ho, Wo,
             fs.stride(0), fs.stride(1), fs.stride(2), fs.stride(3), s_n,
@@ -384,7 +404,6 @@ def _attention_transfer_bwd(
 
 # Explicit fake (meta) kernels, used on every device: triton_op could trace the bodies above
 # instead, but these are cheaper and the interpreter's custom_op needs them.
-@_attention_transfer_fwd.register_fake
 def _fake_fwd(fs, ft, p, reduction):
     acc = _acc_dtype(fs)
     loss = fs.new_empty((), dtype=acc)
@@ -392,26 +411,13 @@ def _fake_fwd(fs, ft, p, reduction):
     return loss, coeff
 
 
-@_attention_transfer_bwd.register_fake
 def _fake_bwd(grad, fs, coeff, p):
     return torch.empty_like(fs)
 
 
-def _setup_context(ctx, inputs, output):
-    fs, _, p, _ = inputs
-    ctx.save_for_backward(fs, output[1])
-    ctx.mark_non_differentiable(output[1])
-    ctx.p = p
-
-
-def _backward(ctx, grad_loss, _grad_coeff):
-    fs, coeff = ctx.saved_tensors
-    grad_fs = torch.ops.kdkernels.attention_transfer_triton_backward(grad_loss, fs, coeff, ctx.p)
-    return grad_fs, None, None, None
-
-
-torch.library.register_autograd(
-    "kdkernels::attention_transfer_triton", _backward, setup_context=_setup_context)
+_attention_transfer = fused_loss(
+    "attention_transfer_triton", _attention_transfer_fwd, _attention_transfer_bwd, _fake_fwd,
+    _fake_bwd, saved_inputs=(0,), const_inputs=(2,))
 
 
 def attention_transfer(fs: torch.Tensor, ft: torch.Tensor, p: float, reduction: str) -> torch.Tensor:
@@ -420,4 +426,4 @@ def attention_transfer(fs: torch.Tensor, ft: torch.Tensor, p: float, reduction: 
     Inputs are validated by the caller: fs (B, Cs, Hs, Ws) and ft (B, Ct, Ht, Wt) on one device,
     any strides; the student is bilinearly resampled to the teacher's grid inside the kernels.
     """
-    return torch.ops.kdkernels.attention_transfer_triton(fs, ft.detach(), float(p), reduction)[0]
+    return _attention_transfer(fs, ft.detach(), float(p), reduction)

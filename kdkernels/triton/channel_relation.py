@@ -3,26 +3,31 @@
 Per sample the C rows F_c (length N = H * W) are normalised (l2: F_c / max(||F_c||, eps);
 softmax: softmax(F_c / tau) over N), G = Fn Fn^T (C x C) and G_s is compared with G_t (mse, or
 tau^2 KL of the row softmaxes of G / tau). Math and op contract: SPEC section 3 and the relations
-contract (outputs loss, grad_gram = d loss / d G_s, row_stats).
+contract (outputs loss, grad_gram = d loss / d G_s, row_stats). Four kernels per forward +
+backward, whatever the shape:
 
-* Gram, split-K over N (_common._gram, grid (C tiles, splits, B)): each program sums its chunk of
-  pixels with tl.dot, the per-split partial Grams are summed in a fixed order (no atomics). The
-  normalisation is folded in: "l2" forms the raw Gram R = F F^T and scales it by the norms on its
-  diagonal, G_ij = R_ij / (n_i n_j); "softmax" first runs _softmax_stats_kernel (grid
-  (C blocks, B): online row max and sum of exp(F / tau - max)), then the Gram of
-  exp(F / tau - max) divided by sum_i sum_j.
-* The C x C loss part (mse / kl on G, grad_gram) is plain torch on (B, C, C) tensors, in
-  float64: it is tiny next to the O(N C^2) Grams.
-* Backward (_cr_backward_kernel, grid (N blocks, C blocks, B)): dFn = (g (grad_gram +
-  grad_gram^T)) Fn as tiles of a (C x C) x (C x N) product, Fn recomputed from the raw input and
-  row_stats, fused with the normalisation backward. Its per-row dot <Fn_c, dFn_c> spans all of N;
-  it equals sum_k M_ck G_ck (M = g (grad_gram + grad_gram^T), G = Fn Fn^T symmetric), so the
-  student Gram is recomputed (one split-K pass) and the dot formed in torch before the kernel.
+* _cr_gram_kernel, grid (C tile pairs of the student then of the teacher, splits of N, B):
+  split-K Grams of both inputs in one launch, each program summing its chunk of pixels. "l2"
+  forms the raw Gram R = F F^T (its diagonal holds the squared row norms, so the rows are never
+  normalised in memory); "softmax" the Gram of exp(F / tau - m) with m the running row maximum
+  of the chunk, the accumulator rescaled as the maxima grow (online softmax), and writes each
+  chunk's row maxima and sums. One read of fs and ft, no statistics pass.
+* _cr_tail_kernel, grid (B,): per sample, merges the splits in a fixed order (rescaled to the
+  global row maxima for "softmax"), normalises (G_ij = R_ij / (n_i n_j), or / (z_i z_j)), and
+  evaluates the C x C distance in float64: the sample's loss term, grad_gram, G_s (kept for the
+  backward) and row_stats.
+* _common._finish: the fixed-order sum of the samples' terms.
+* _cr_backward_kernel, grid (N blocks, C blocks, B): dFn = M Fn with M = g (grad_gram +
+  grad_gram^T) formed from grad_gram as it loads, Fn recomputed from the raw input and row_stats,
+  fused with the normalisation backward; its per-row dot <Fn_c, dFn_c> = sum_k M_ck G_ck (G
+  symmetric) comes from the saved G_s in the same loop. g is read on the device.
 
-Precision: float32 accumulation (float64 for float64 inputs). Tiles: tl.dot in float16/bfloat16
-for raw 16-bit l2 Grams (exact products, fp32 sums), otherwise fp32 tl.dot with
-_common._DOT_PRECISION ("ieee"); float64 by FMA. Inputs are read through their element strides
-(NCHW, channels_last, slices) with int64 offsets; nothing is copied.
+Precision: the Grams accumulate in float64 (FMA products, _common._mm): G_s - G_t is a small
+difference of O(1) sums whenever the rows are near uniform (softmax rows with a large tau) or
+near the teacher's, and the C x C part is float64 too, where the KL of the row softmaxes of
+G / tau would otherwise cancel. The backward runs in the accumulation type (float32, float64 for
+float64 inputs). Inputs are read through their element strides (NCHW, channels_last, slices)
+with int64 offsets; nothing is copied.
 """
 
 from __future__ import annotations
@@ -30,30 +35,36 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from kdkernels.triton._common import (
-    GRAM_RAW,
-    GRAM_SOFTMAX_ROWS,
     _acc_dtype,
     _batch_chunks,
+    _bits,
     _cast_for,
-    _define_op,
     _div,
     _eps_like,
-    _gram,
+    _f64,
+    _finish,
     _inv_norm,
+    _launch,
     _mm,
     _pixel_offsets,
     _pow2,
-    _scalar,
     _strides,
+    fused_loss,
 )
 
 __all__ = ["channel_relation"]
 
-# Softmax statistics: [BLOCK_C, BLOCK_N] tiles streamed over N (4096 elements, 4 warps).
-_STATS_BLOCK = (16, 256)
+# Gram tiles: [BC, BC] outputs (BC = C rounded up to a power of two, 16 .. 32), BK pixels per
+# step, float64 FMA broadcast products (32 x 8 x 32 per step); splits of N so that about
+# _GRAM_TARGET_PROGRAMS programs run. A fixed target (not the SM count) keeps the summation
+# order, hence the bits, device-independent.
+_GRAM_BLOCK = (32, 8)  # (max BC, BK)
+_GRAM_WARPS = 4
+_GRAM_TARGET_PROGRAMS = 512
+# Tail: BR rows of the C x C matrices at a time, all columns (padded to a power of two).
+_TAIL_ELEMS = 2048
 # Backward: [BLOCK_CO, BLOCK_N] output tiles, BLOCK_K channels per tl.dot step (BLOCK_CO and
 # BLOCK_K shrink to the next power of two >= C, at least 16). float64 uses FMA products
 # (BLOCK_CO x BLOCK_K x BLOCK_N = 8192 per step). Sizes and warps from ptxas register reports
@@ -61,7 +72,6 @@ _STATS_BLOCK = (16, 256)
 _BWD_BLOCK = (64, 64, 16)  # (max BLOCK_CO, BLOCK_N, max BLOCK_K)
 _BWD_BLOCK_FP64 = (32, 32, 8)
 _BWD_WARPS = (8, 4)  # (float32 accumulation, float64)
-_NUM_WARPS = 4
 
 _NORMALIZE = ("l2", "softmax")
 _DISTANCE = ("mse", "kl")
@@ -71,34 +81,193 @@ _DISTANCE = ("mse", "kl")
 
 
 @triton.jit
-def _softmax_stats_kernel(
-    x_ptr, tau_ptr, stats_ptr,
-    b0, C, N, W,
+def _gram_tile(x_ptr, b, c1, c2, C, W, start, end, inv_tau,
+               xB, xC, xH, xW, xN,
+               SOFTMAX: tl.constexpr, FLAT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """[BC, BC] float64 Gram tile of rows c1 x rows c2 over pixels [start, end), with (SOFTMAX)
+    the rows' running maxima of x / tau over those pixels and their sums of exp(x / tau - max)."""
+    m1_ok = c1 < C
+    m2_ok = c2 < C
+    base1 = x_ptr + b * xB + (c1.to(tl.int64) * xC)[:, None]
+    base2 = x_ptr + b * xB + (c2.to(tl.int64) * xC)[None, :]
+    acc = tl.zeros([BC, BC], dtype=tl.float64)
+    # Rows past C start at 0, not -inf: no -inf - -inf in lanes that are never stored.
+    mx1 = tl.where(m1_ok, float("-inf"), 0.0).to(tl.float64)
+    mx2 = tl.where(m2_ok, float("-inf"), 0.0).to(tl.float64)
+    z1 = tl.zeros([BC], dtype=tl.float64)
+    for k0 in range(start, end, BK):
+        n = k0 + tl.arange(0, BK)
+        mn = n < end
+        mask1 = m1_ok[:, None] & mn[None, :]
+        mask2 = mn[:, None] & m2_ok[None, :]
+        x1 = tl.load(base1 + _pixel_offsets(n, W, xH, xW, xN, FLAT)[None, :], mask=mask1, other=0.0)
+        x2 = tl.load(base2 + _pixel_offsets(n, W, xH, xW, xN, FLAT)[:, None], mask=mask2, other=0.0)
+        if SOFTMAX:
+            u1 = tl.where(mask1, x1.to(tl.float64) * inv_tau, float("-inf"))
+            u2 = tl.where(mask2, x2.to(tl.float64) * inv_tau, float("-inf"))
+            new1 = tl.maximum(mx1, tl.max(u1, axis=1))
+            new2 = tl.maximum(mx2, tl.max(u2, axis=0))
+            a1 = tl.exp(mx1 - new1)
+            acc = acc * a1[:, None] * tl.exp(mx2 - new2)[None, :]
+            e1 = tl.exp(u1 - new1[:, None])
+            z1 = z1 * a1 + tl.sum(e1, axis=1)
+            acc = _mm(e1, tl.exp(u2 - new2[None, :]), acc)
+            mx1 = new1
+            mx2 = new2
+        else:
+            acc = _mm(x1.to(tl.float64), x2.to(tl.float64), acc)
+    return acc, mx1, z1
+
+
+@triton.jit
+def _cr_gram_kernel(
+    s_ptr, t_ptr, inv_tau_bits, part_ptr, stat_ptr,
+    B, b0, C, N, W, chunk, tiles,
     sB, sC, sH, sW, sN,
-    FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    tB, tC, tH, tW, tN,
+    SOFTMAX: tl.constexpr, SFLAT: tl.constexpr, TFLAT: tl.constexpr,
+    BC: tl.constexpr, BK: tl.constexpr,
 ):
-    """stats[b, c] = [max_n x / tau, sum_n exp(x / tau - max)] with an online softmax."""
-    ACC: tl.constexpr = stats_ptr.dtype.element_ty
-    tau = tl.load(tau_ptr)
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    b = (tl.program_id(1) + b0).to(tl.int64)
-    mask_c = c < C
-    base = x_ptr + b * sB + (c.to(tl.int64) * sC)[:, None]
-    m = tl.full([BLOCK_C], float("-inf"), ACC)
-    s = tl.zeros([BLOCK_C], dtype=ACC)
-    for start in range(0, N, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        mask_n = n < N
-        off = _pixel_offsets(n, W, sH, sW, sN, FLAT)
-        x = tl.load(base + off[None, :], mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-        # Padding rows read 0 (finite), padding columns -inf (weight 0).
-        x = tl.where(mask_n[None, :], _div(x.to(ACC), tau), float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
-        m = m_new
-    out = stats_ptr + (b * C + c) * 2
-    tl.store(out, m, mask=mask_c)
-    tl.store(out + 1, s, mask=mask_c)
+    """part[split, which, b] = the Gram tile of the student (which 0) or teacher (1) over the
+    split's pixels; stat[split, which, b, c] = (row max, row sum) of that chunk (SOFTMAX)."""
+    pid = tl.program_id(0)
+    which = pid // tiles
+    tile = pid % tiles
+    split = tl.program_id(1)
+    b = (tl.program_id(2) + b0).to(tl.int64)
+    per_row = tl.cdiv(C, BC)
+    c1 = (tile // per_row) * BC + tl.arange(0, BC)
+    c2 = (tile % per_row) * BC + tl.arange(0, BC)
+    start = split * chunk
+    end = tl.minimum(start + chunk, N)
+    inv_tau = _f64(inv_tau_bits)
+    if which == 0:
+        acc, mx, z = _gram_tile(s_ptr, b, c1, c2, C, W, start, end, inv_tau,
+                                sB, sC, sH, sW, sN, SOFTMAX, SFLAT, BC, BK)
+    else:
+        acc, mx, z = _gram_tile(t_ptr, b, c1, c2, C, W, start, end, inv_tau,
+                                tB, tC, tH, tW, tN, SOFTMAX, TFLAT, BC, BK)
+    slot = (split * 2 + which) * B + b
+    out = part_ptr + (slot * C + c1[:, None]) * C + c2[None, :]
+    tl.store(out, acc, mask=(c1 < C)[:, None] & (c2 < C)[None, :])
+    if SOFTMAX:
+        if tile % per_row == 0:  # one writer per row
+            row = stat_ptr + (slot * C + c1) * 2
+            tl.store(row, mx, mask=c1 < C)
+            tl.store(row + 1, z, mask=c1 < C)
+
+
+@triton.jit
+def _merged_rows(part_ptr, stat_ptr, which, b, B, rows, cols, C, splits, mx_r, mx_c,
+                 SOFTMAX: tl.constexpr):
+    """sum over the splits of the Gram rows `rows` x `cols` of input `which`, each split rescaled
+    to the global row maxima mx_r (rows) and mx_c (columns) when SOFTMAX."""
+    mask = (rows < C)[:, None] & (cols < C)[None, :]
+    g = tl.zeros(mask.shape, dtype=tl.float64)
+    for split in range(0, splits):
+        slot = (split * 2 + which) * B + b
+        tile = tl.load(part_ptr + (slot * C + rows[:, None]) * C + cols[None, :], mask=mask,
+                       other=0.0)
+        if SOFTMAX:
+            mr = tl.load(stat_ptr + (slot * C + rows) * 2, mask=rows < C, other=0.0)
+            mc = tl.load(stat_ptr + (slot * C + cols) * 2, mask=cols < C, other=0.0)
+            tile = tile * tl.exp(mr - mx_r)[:, None] * tl.exp(mc - mx_c)[None, :]
+        g += tile
+    return g
+
+
+@triton.jit
+def _row_scales(part_ptr, stat_ptr, which, b, B, c, C, splits, SOFTMAX: tl.constexpr):
+    """Per row c of input `which`: (1 / max(n, eps), n) for "l2" from the merged diagonal, or
+    (1 / z, max) for "softmax" with the global maximum and sum z of exp(x / tau - max)."""
+    ok = c < C
+    if SOFTMAX:
+        mx = tl.full(c.shape, float("-inf"), tl.float64)
+        for split in range(0, splits):
+            slot = (split * 2 + which) * B + b
+            mx = tl.maximum(mx, tl.load(stat_ptr + (slot * C + c) * 2, mask=ok, other=0.0))
+        mx = tl.where(ok, mx, 0.0)
+        z = tl.zeros(c.shape, dtype=tl.float64)
+        for split in range(0, splits):
+            slot = (split * 2 + which) * B + b
+            m = tl.load(stat_ptr + (slot * C + c) * 2, mask=ok, other=0.0)
+            z += tl.load(stat_ptr + (slot * C + c) * 2 + 1, mask=ok, other=0.0) * tl.exp(m - mx)
+        scale = 1.0 / tl.where(ok, z, 1.0)
+        stat = mx
+    else:
+        sq = tl.zeros(c.shape, dtype=tl.float64)
+        for split in range(0, splits):
+            slot = (split * 2 + which) * B + b
+            sq += tl.load(part_ptr + (slot * C + c) * C + c, mask=ok, other=0.0)
+        stat = tl.sqrt(sq)  # R_cc = sum x^2 >= 0
+        scale = _inv_norm(stat)
+    return scale, stat
+
+
+@triton.jit
+def _cr_tail_kernel(
+    part_ptr, stat_ptr, tau_bits, grad_gram_ptr, gs_ptr, row_stats_ptr, term_ptr,
+    B, C, splits, coef_bits,
+    SOFTMAX: tl.constexpr, KL: tl.constexpr, BR: tl.constexpr, BCOL: tl.constexpr,
+):
+    """Sample b: G_s, G_t from the split partials; term[b] = its share of the loss before the
+    final scale, grad_gram = d loss / d G_s (unit upstream gradient), G_s and row_stats kept."""
+    b = tl.program_id(0).to(tl.int64)
+    tau = _f64(tau_bits)
+    coef = _f64(coef_bits)  # grad_gram = coef (G_s - G_t) (mse) or coef (p_s - p_t) (kl)
+    cols = tl.arange(0, BCOL)
+    ok_c = cols < C
+    sc_s, st_s = _row_scales(part_ptr, stat_ptr, 0, b, B, cols, C, splits, SOFTMAX)
+    sc_t, st_t = _row_scales(part_ptr, stat_ptr, 1, b, B, cols, C, splits, SOFTMAX)
+    if SOFTMAX:
+        z_s = 1.0 / sc_s
+        mx_s = st_s
+        mx_t = st_t
+    else:
+        z_s = tl.zeros([BCOL], dtype=tl.float64)
+        mx_s = z_s
+        mx_t = z_s
+    tl.store(row_stats_ptr + (b * C + cols) * 2, _cast_for(st_s, row_stats_ptr), mask=ok_c)
+    tl.store(row_stats_ptr + (b * C + cols) * 2 + 1, _cast_for(z_s, row_stats_ptr), mask=ok_c)
+    total = tl.zeros([BR, BCOL], dtype=tl.float64)
+    for r0 in range(0, C, BR):
+        rows = r0 + tl.arange(0, BR)
+        ok_r = rows < C
+        mask = ok_r[:, None] & ok_c[None, :]
+        # The rows' scales and statistics (softmax: the global maxima; l2: the norms).
+        sr_s, rst_s = _row_scales(part_ptr, stat_ptr, 0, b, B, rows, C, splits, SOFTMAX)
+        sr_t, rst_t = _row_scales(part_ptr, stat_ptr, 1, b, B, rows, C, splits, SOFTMAX)
+        gs = _merged_rows(part_ptr, stat_ptr, 0, b, B, rows, cols, C, splits, rst_s, mx_s, SOFTMAX)
+        gt = _merged_rows(part_ptr, stat_ptr, 1, b, B, rows, cols, C, splits, rst_t, mx_t, SOFTMAX)
+        gs = gs * sr_s[:, None] * sc_s[None, :]
+        gt = gt * sr_t[:, None] * sc_t[None, :]
+        if not SOFTMAX:
+            # A unit row's self-similarity is exactly 1 (R_cc / n_c^2 is 1 only up to rounding).
+            diag = rows[:, None] == cols[None, :]
+            gs = tl.where(diag & (rst_s > 1e-12)[:, None], 1.0, gs)
+            gt = tl.where(diag & (rst_t > 1e-12)[:, None], 1.0, gt)
+        if KL:
+            xs = tl.where(mask, gs / tau, float("-inf"))
+            xt = tl.where(mask, gt / tau, float("-inf"))
+            ms = tl.max(xs, axis=1)
+            mt = tl.max(xt, axis=1)
+            ms = tl.where(ok_r, ms, 0.0)
+            mt = tl.where(ok_r, mt, 0.0)
+            ls = tl.log(tl.sum(tl.where(mask, tl.exp(xs - ms[:, None]), 0.0), axis=1)) + ms
+            lt = tl.log(tl.sum(tl.where(mask, tl.exp(xt - mt[:, None]), 0.0), axis=1)) + mt
+            log_ps = xs - ls[:, None]
+            log_pt = xt - lt[:, None]
+            p_t = tl.where(mask, tl.exp(log_pt), 0.0)
+            total += tl.where(mask, p_t * (log_pt - log_ps), 0.0)
+            g = (tl.exp(log_ps) - p_t) * coef
+        else:
+            diff = gs - gt
+            total += tl.where(mask, diff * diff, 0.0)
+            g = diff * coef
+        off = (b * C + rows[:, None]) * C + cols[None, :]
+        tl.store(grad_gram_ptr + off, _cast_for(g, grad_gram_ptr), mask=mask)
+        tl.store(gs_ptr + off, gs, mask=mask)
+    tl.store(term_ptr + b, tl.sum(tl.sum(total, axis=1), axis=0))
 
 
 @triton.jit
@@ -118,7 +287,7 @@ def _normalized_rows(x, mask, stats_ptr, row, mask_row, tau, SOFTMAX: tl.constex
 
 @triton.jit
 def _cr_backward_kernel(
-    m_ptr, dot_ptr, stats_ptr, tau_ptr, x_ptr, gx_ptr,
+    grad_ptr, gg_ptr, gs_ptr, stats_ptr, tau_bits, x_ptr, gx_ptr,
     b0, C, N, W,
     sB, sC, sH, sW, sN,
     gB, gC, gH, gW, gN,
@@ -126,8 +295,9 @@ def _cr_backward_kernel(
     BLOCK_CO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grad_x[b, co, n] from dFn = M Fn (M = g (grad_gram + grad_gram^T), dot = <Fn, dFn>)."""
-    ACC: tl.constexpr = m_ptr.dtype.element_ty
-    tau = tl.load(tau_ptr)
+    ACC: tl.constexpr = gg_ptr.dtype.element_ty
+    tau = _f64(tau_bits).to(ACC)
+    g = tl.load(grad_ptr).to(ACC)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     b = (tl.program_id(2) + b0).to(tl.int64)
@@ -135,13 +305,19 @@ def _cr_backward_kernel(
     mask_co = co < C
     off = _pixel_offsets(n, W, sH, sW, sN, FLAT)
     base = x_ptr + b * sB
-    m_base = m_ptr + (b * C + co.to(tl.int64)) * C  # rows co of M[b]
+    rows = (b * C + co.to(tl.int64)) * C  # rows co of the (B, C, C) matrices
     acc = tl.zeros([BLOCK_CO, BLOCK_N], dtype=ACC)
+    dot = tl.zeros([BLOCK_CO], dtype=tl.float64)
     for k0 in range(0, C, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         mask_k = k < C
-        m = tl.load(m_base[:, None] + k[None, :], mask=mask_co[:, None] & mask_k[None, :],
-                    other=0.0)
+        mask_m = mask_co[:, None] & mask_k[None, :]
+        m = (tl.load(gg_ptr + rows[:, None] + k[None, :], mask=mask_m, other=0.0)
+             + tl.load(gg_ptr + (b * C + k.to(tl.int64))[None, :] * C + co[:, None], mask=mask_m,
+                       other=0.0)) * g
+        # <Fn_c, dFn_c> = sum_k M_ck G_kc, G symmetric: from the saved G_s (float64).
+        dot += tl.sum(m.to(tl.float64) * tl.load(gs_ptr + rows[:, None] + k[None, :], mask=mask_m,
+                                                 other=0.0), axis=1)
         mask = mask_k[:, None] & mask_n[None, :]
         x = tl.load(base + (k.to(tl.int64) * sC)[:, None] + off[None, :], mask=mask, other=0.0)
         fn = _normalized_rows(x, mask, stats_ptr, b * C + k, mask_k, tau, SOFTMAX)
@@ -150,7 +326,7 @@ def _cr_backward_kernel(
     x = tl.load(base + (co.to(tl.int64) * sC)[:, None] + off[None, :], mask=mask, other=0.0)
     row = b * C + co
     fn = _normalized_rows(x, mask, stats_ptr, row, mask_co, tau, SOFTMAX)
-    dot = tl.load(dot_ptr + row, mask=mask_co, other=0.0)
+    dot = dot.to(ACC)
     if SOFTMAX:
         gx = _div(fn * (acc - dot[:, None]), tau)
     else:
@@ -173,97 +349,61 @@ def _check(normalize: str, distance: str | None = None) -> None:
         raise ValueError(f"channel_relation: unknown distance {distance!r}")
 
 
-def _softmax_stats(x: torch.Tensor, tau: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    B, C, H, W = x.shape
-    stats = torch.empty((B, C, 2), dtype=acc, device=x.device)
-    sB, sC, sH, sW, sN, flat = _strides(x)
-    block_c, block_n = _STATS_BLOCK
-    for b0, nb in _batch_chunks(B):
-        wrap_triton(_softmax_stats_kernel)[(triton.cdiv(C, block_c), nb)](
-            x, tau, stats, b0, C, H * W, W, sB, sC, sH, sW, sN,
-            FLAT=flat, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=_NUM_WARPS,
-        )
-    return stats
+def _gram_splits(B: int, C: int, N: int) -> tuple[int, int, int, int]:
+    """(BC, tiles per input, splits, chunk) of the split-K Grams."""
+    max_bc, bk = _GRAM_BLOCK
+    bc = _pow2(C, 16, max_bc)
+    tiles = triton.cdiv(C, bc) ** 2
+    split = max(1, min(triton.cdiv(N, bk), _GRAM_TARGET_PROGRAMS // (2 * tiles * B)))
+    chunk = triton.cdiv(triton.cdiv(N, split), bk) * bk
+    return bc, tiles, triton.cdiv(N, chunk), chunk
 
 
-def _channel_gram(x, normalize, tau, acc, stats=None):
-    """(G, row_stats): G = Fn Fn^T (B, C, C) in float64, row_stats (B, C, 2) in acc.
-
-    The Gram is accumulated in acc; its scaling by the row norms (or softmax sums) is done in
-    float64: one rounding less per factor, which matters when G_s - G_t is small. row_stats are
-    recomputed unless given. tau: 0-dim acc tensor.
-    """
-    f64 = torch.float64
-    if normalize == "l2":
-        raw = _gram(x, x, x, x, GRAM_RAW, acc).to(f64)
-        if stats is None:
-            norms = raw.diagonal(dim1=1, dim2=2).sqrt()
-            stats = torch.stack([norms, torch.zeros_like(norms)], dim=-1).to(acc)
-        else:
-            norms = stats[..., 0].to(f64)
-        inv = 1.0 / norms.clamp_min(1e-12)
-        gram = raw * inv[:, :, None] * inv[:, None, :]
-        # A unit row's self-similarity is exactly 1 (R_cc / n_c^2 is 1 only up to rounding).
-        diag = gram.diagonal(dim1=1, dim2=2)
-        unit = torch.where(norms > 1e-12, 1.0, diag)
-        return gram - torch.diag_embed(diag) + torch.diag_embed(unit), stats
-    if stats is None:
-        stats = _softmax_stats(x, tau, acc)
-    raw = _gram(x, x, stats, stats, GRAM_SOFTMAX_ROWS, acc, tau).to(f64)
-    inv = 1.0 / stats[..., 1].to(f64)
-    return raw * inv[:, :, None] * inv[:, None, :], stats
-
-
-@_define_op("kdkernels::channel_relation_triton", mutates_args=())
 def _channel_relation_fwd(
     fs: torch.Tensor, ft: torch.Tensor, normalize: str, distance: str, tau: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, grad_gram (B, C, C), row_stats (B, C, 2)), all in the accumulation dtype."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, grad_gram (B, C, C), row_stats (B, C, 2)) in the accumulation dtype, and G_s
+    (B, C, C, float64) for the backward."""
     _check(normalize, distance)
     acc = _acc_dtype(fs)
-    B, C = fs.shape[0], fs.shape[1]
-    # The Grams accumulate in float64: G_s - G_t is a small difference of O(1) sums whenever
-    # the rows are near uniform (softmax rows with a large tau) or near the teacher's, and the
-    # fp64 split-K pass costs O(N C^2) FMA, small next to the loss's value to a user.
-    tau_t = _scalar(tau, fs, torch.float64)
-    gs, stats = _channel_gram(fs, normalize, tau_t, torch.float64)
-    gt, _ = _channel_gram(ft, normalize, tau_t, torch.float64)
-    stats = stats.to(acc)
-    # The C x C part in float64 (B * C * C elements: free): near the teacher, and for softmax
-    # rows whose G is close to uniform, the KL of the row softmaxes of G / tau cancels
-    # catastrophically in float32; in float64 its error is the Grams' own rounding.
-    if distance == "mse":
-        diff = gs - gt
-        loss = (diff * diff).sum() / (B * C * C)
-        grad_gram = diff * (2.0 / (B * C * C))
-    else:
-        log_ps = torch.log_softmax(gs / tau, dim=-1)
-        log_pt = torch.log_softmax(gt / tau, dim=-1)
-        p_t = log_pt.exp()
-        loss = (p_t * (log_pt - log_ps)).sum() * (tau * tau / (B * C))
-        grad_gram = (log_ps.exp() - p_t) * (tau / (B * C))
-    return loss.to(acc), grad_gram.to(acc).contiguous(), stats.contiguous()
+    B, C, H, W = fs.shape
+    N = H * W
+    f64 = torch.float64
+    softmax = normalize == "softmax"
+    bc, tiles, splits, chunk = _gram_splits(B, C, N)
+    part = torch.empty((splits, 2, B, C, C), dtype=f64, device=fs.device)
+    stat = torch.empty((splits, 2, B, C, 2) if softmax else (1,), dtype=f64, device=fs.device)
+    for b0, nb in _batch_chunks(B):
+        _launch(_cr_gram_kernel)[(2 * tiles, splits, nb)](
+            fs, ft, _bits(1.0 / tau), part, stat, B, b0, C, N, W, chunk, tiles,
+            *_strides(fs)[:5], *_strides(ft)[:5],
+            SOFTMAX=softmax, SFLAT=_strides(fs)[5], TFLAT=_strides(ft)[5],
+            BC=bc, BK=_GRAM_BLOCK[1], num_warps=_GRAM_WARPS,
+        )
+    grad_gram = torch.empty((B, C, C), dtype=acc, device=fs.device)
+    gs = torch.empty((B, C, C), dtype=f64, device=fs.device)
+    row_stats = torch.empty((B, C, 2), dtype=acc, device=fs.device)
+    term = torch.empty((B,), dtype=f64, device=fs.device)
+    kl = distance == "kl"
+    # mse: mean over B C C of (G_s - G_t)^2; kl: tau^2 sum p_t (log p_t - log p_s) / (B C).
+    coef, scale = (tau / (B * C), tau * tau / (B * C)) if kl else (2.0 / (B * C * C), 1.0 / (B * C * C))
+    bcol = _pow2(C, 16, 1 << 30)
+    _launch(_cr_tail_kernel)[(B,)](
+        part, stat, _bits(tau), grad_gram, gs, row_stats, term, B, C, splits, _bits(coef),
+        SOFTMAX=softmax, KL=kl, BR=max(1, _TAIL_ELEMS // bcol), BCOL=bcol, num_warps=4,
+    )
+    return _finish(term, scale, acc), grad_gram, row_stats, gs
 
 
-@_define_op("kdkernels::channel_relation_triton_backward", mutates_args=())
 def _channel_relation_bwd(
     grad: torch.Tensor, fs: torch.Tensor, grad_gram: torch.Tensor, row_stats: torch.Tensor,
-    normalize: str, tau: float,
+    gs: torch.Tensor, normalize: str, tau: float,
 ) -> torch.Tensor:
     """grad_fs for upstream gradient `grad` (0-dim), in fs's dtype and memory format."""
     _check(normalize)
     B, C, H, W = fs.shape
     acc = grad_gram.dtype
-    stats = row_stats.to(acc).contiguous()
-    tau_t = _scalar(tau, fs, acc)
-    gs, _ = _channel_gram(fs, normalize, tau_t, acc, stats)
-    m = (grad_gram + grad_gram.transpose(1, 2)) * grad.to(acc)
-    # <Fn_c, dFn_c> = sum_k M_ck G_kc (G symmetric), in float64 then acc.
-    dot = (m.to(torch.float64) * gs).sum(-1).to(acc).contiguous()
-    m = m.contiguous()
     gx = torch.empty_like(fs)
-    if fs.numel() == 0:
-        return gx
     if acc == torch.float64:
         max_co, block_n, max_k = _BWD_BLOCK_FP64
         block_co, block_k = _pow2(C, 16, max_co), max_k
@@ -274,8 +414,8 @@ def _channel_relation_bwd(
     gB, gC, gH, gW, gN, gflat = _strides(gx)
     tiles = (triton.cdiv(H * W, block_n), triton.cdiv(C, block_co))
     for b0, nb in _batch_chunks(B):
-        wrap_triton(_cr_backward_kernel)[(*tiles, nb)](
-            m, dot, stats, tau_t, fs, gx,
+        _launch(_cr_backward_kernel)[(*tiles, nb)](
+            grad, grad_gram, gs, row_stats, _bits(tau), fs, gx,
             b0, C, H * W, W,
             sB, sC, sH, sW, sN,
             gB, gC, gH, gW, gN,
@@ -287,36 +427,20 @@ def _channel_relation_bwd(
 
 
 # Explicit fake (meta) kernels, used on every device.
-@_channel_relation_fwd.register_fake
 def _fake_fwd(fs, ft, normalize, distance, tau):
     acc = _acc_dtype(fs)
     B, C = fs.shape[0], fs.shape[1]
     return (fs.new_empty((), dtype=acc), fs.new_empty((B, C, C), dtype=acc),
-            fs.new_empty((B, C, 2), dtype=acc))
+            fs.new_empty((B, C, 2), dtype=acc), fs.new_empty((B, C, C), dtype=torch.float64))
 
 
-@_channel_relation_bwd.register_fake
-def _fake_bwd(grad, fs, grad_gram, row_stats, normalize, tau):
+def _fake_bwd(grad, fs, grad_gram, row_stats, gs, normalize, tau):
     return torch.empty_like(fs)
 
 
-def _setup_context(ctx, inputs, output):
-    fs, _, normalize, _, tau = inputs
-    ctx.save_for_backward(fs, output[1], output[2])
-    ctx.mark_non_differentiable(output[1], output[2])
-    ctx.normalize = normalize
-    ctx.tau = tau
-
-
-def _backward(ctx, grad_loss, _grad_gram, _grad_stats):
-    fs, grad_gram, row_stats = ctx.saved_tensors
-    grad_fs = torch.ops.kdkernels.channel_relation_triton_backward(
-        grad_loss, fs, grad_gram, row_stats, ctx.normalize, ctx.tau)
-    return grad_fs, None, None, None, None
-
-
-torch.library.register_autograd(
-    "kdkernels::channel_relation_triton", _backward, setup_context=_setup_context)
+_channel_relation = fused_loss("channel_relation_triton", _channel_relation_fwd,
+                               _channel_relation_bwd, _fake_fwd, _fake_bwd,
+                               saved_inputs=(0,), const_inputs=(2, 4))
 
 
 def channel_relation(
@@ -329,5 +453,4 @@ def channel_relation(
     """
     if (fs.dtype == torch.float64) != (ft.dtype == torch.float64):
         fs, ft = fs.double(), ft.double()
-    return torch.ops.kdkernels.channel_relation_triton(
-        fs, ft.detach(), normalize, distance, float(tau))[0]
+    return _channel_relation(fs, ft.detach(), normalize, distance, float(tau))

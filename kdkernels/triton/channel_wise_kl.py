@@ -13,12 +13,14 @@ loss = tau^2 / (B C) * sum_rows KL(p_t || p_s). Same math and saved statistics a
 * finish, grid (row blocks,): merges the splits of each row in split order, in float64, into
   stats (B, C, 5) = (m_t, log z_t, m_s, log z_s, delta = lse_s - lse_t) and the row's KL (the
   maximum and log-sum kept apart as on the CPU: lse = m + log z rounded to float32 would move
-  every p by ~|F / tau| 6e-8); the loss is the fixed-order float64 sum of the rows. Splitting
+  every p by ~|F / tau| 6e-8); the loss is the fixed-order float64 sum of the rows
+  (_common._finish, one program). Splitting
   N keeps the GPU busy when B * C is small or the channels are innermost (channels_last packs
   BLOCK_C rows into one program) without atomics: the splits depend only on shape, layout and
   dtype, so the bits are reproducible.
 * backward, grid (pixel blocks, channel blocks, B): elementwise, p_s - p_t recomputed from fs,
-  ft and the row stats, times g tau / (B C), stored in fs's dtype and layout.
+  ft and the row stats, times g tau / (B C) (g read on the device), stored in fs's dtype and
+  layout. Four kernels per forward + backward.
 
 Why the backward re-reads fs and ft instead of the forward writing the unit gradient: it moves
 the same HBM bytes for float32 (the forward's extra write and the backward's read of a float32
@@ -35,17 +37,19 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from kdkernels.triton._common import (
     _acc_dtype,
     _batch_chunks,
+    _bits,
     _cast_for,
-    _define_op,
+    _f64,
+    _finish,
+    _launch,
     _log1p_minus_x,
     _pixel_offsets,
-    _scalar,
     _strides,
+    fused_loss,
 )
 
 __all__ = ["channel_wise_kl"]
@@ -108,7 +112,7 @@ def _shift_q(q, z_t, up_s, up_t, alpha_t):
 
 @triton.jit
 def _cwd_fwd_kernel(
-    s_ptr, t_ptr, inv_tau_ptr, part_ptr,
+    s_ptr, t_ptr, inv_tau_bits, part_ptr,
     B, b0, C, N, W, chunk,
     sB, sC, sH, sW, sN,
     tB, tC, tH, tW, tN,
@@ -121,7 +125,7 @@ def _cwd_fwd_kernel(
     split = tl.program_id(1)
     b = (tl.program_id(2) + b0).to(tl.int64)
     mask_c = c < C
-    inv_tau = tl.load(inv_tau_ptr)
+    inv_tau = _f64(inv_tau_bits).to(ACC)
     s_base = s_ptr + b * sB + (c.to(tl.int64) * sC)[:, None]
     t_base = t_ptr + b * tB + (c.to(tl.int64) * tC)[:, None]
     # Rows past C start at 0, not -inf: no -inf - -inf in lanes that are never stored.
@@ -230,7 +234,7 @@ def _cwd_finish_kernel(part_ptr, stats_ptr, kl_ptr, rows, splits, BLOCK: tl.cons
 
 @triton.jit
 def _cwd_bwd_kernel(
-    coef_ptr, s_ptr, t_ptr, inv_tau_ptr, stats_ptr, gx_ptr,
+    grad_ptr, coef_bits, s_ptr, t_ptr, inv_tau_bits, stats_ptr, gx_ptr,
     b0, C, N, W,
     sB, sC, sH, sW, sN,
     tB, tC, tH, tW, tN,
@@ -238,7 +242,7 @@ def _cwd_bwd_kernel(
     SFLAT: tl.constexpr, TFLAT: tl.constexpr, GFLAT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """gx = coef (p_s - p_t): p_t expm1(x), x = d - delta, by the series if |x|, |d| <= 1."""
+    """gx = grad coef (p_s - p_t): p_t expm1(x), x = d - delta, by the series if |x|, |d| <= 1."""
     ACC: tl.constexpr = stats_ptr.dtype.element_ty
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -246,7 +250,7 @@ def _cwd_bwd_kernel(
     mask_c = c < C
     mask = mask_c[:, None] & (n < N)[None, :]
     coff = c.to(tl.int64)
-    inv_tau = tl.load(inv_tau_ptr)
+    inv_tau = _f64(inv_tau_bits).to(ACC)
     row = stats_ptr + (b * C + coff) * 5
     m_t = tl.load(row + 0, mask=mask_c, other=0.0)[:, None]
     log_zt = tl.load(row + 1, mask=mask_c, other=0.0)[:, None]
@@ -263,7 +267,8 @@ def _cwd_bwd_kernel(
     near = p_t * (x + _phi_clamped(x))
     far = tl.exp((xs * inv_tau - m_s) - log_zs) - p_t
     # x carries the rounding of d and delta, ~|d| 6e-8 absolute: only small |d| make it precise.
-    gx = tl.load(coef_ptr) * tl.where(tl.maximum(tl.abs(x), tl.abs(d)) <= 1.0, near, far)
+    coef = tl.load(grad_ptr).to(ACC) * _f64(coef_bits).to(ACC)
+    gx = coef * tl.where(tl.maximum(tl.abs(x), tl.abs(d)) <= 1.0, near, far)
     out = gx_ptr + b * gB + (coff * gC)[:, None] + _pixel_offsets(n, W, gH, gW, gN, GFLAT)[None, :]
     tl.store(out, _cast_for(gx, gx_ptr), mask=mask)
 
@@ -276,8 +281,7 @@ def _channels_inner(*xs: torch.Tensor) -> bool:
     return any(x.shape[1] > 1 and x.stride(1) < x.stride(3) for x in xs)
 
 
-@_define_op("kdkernels::channel_wise_kl_triton", mutates_args=())
-def _channel_wise_kl_fwd(
+def _channel_wise_kl_forward(
     fs: torch.Tensor, ft: torch.Tensor, tau: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, stats (B, C, 5): see the finish kernel) in the accumulation dtype."""
@@ -290,11 +294,11 @@ def _channel_wise_kl_fwd(
     chunk = triton.cdiv(triton.cdiv(N, splits), block_n) * block_n
     splits = triton.cdiv(N, chunk)
     part = torch.empty((splits, B, C, 8), dtype=acc, device=fs.device)
-    inv_tau = _scalar(1.0 / tau, fs, acc)
+    inv_tau = _bits(1.0 / tau)
     sB, sC, sH, sW, sN, sflat = _strides(fs)
     tB, tC, tH, tW, tN, tflat = _strides(ft)
     for b0, nb in _batch_chunks(B):
-        wrap_triton(_cwd_fwd_kernel)[(triton.cdiv(C, block_c), splits, nb)](
+        _launch(_cwd_fwd_kernel)[(triton.cdiv(C, block_c), splits, nb)](
             fs, ft, inv_tau, part, B, b0, C, N, W, chunk,
             sB, sC, sH, sW, sN,
             tB, tC, tH, tW, tN,
@@ -302,32 +306,27 @@ def _channel_wise_kl_fwd(
         )
     stats = torch.empty((B, C, 5), dtype=acc, device=fs.device)
     kl = torch.empty((B * C,), dtype=torch.float64, device=fs.device)
-    wrap_triton(_cwd_finish_kernel)[(triton.cdiv(B * C, _FINISH_BLOCK),)](
+    _launch(_cwd_finish_kernel)[(triton.cdiv(B * C, _FINISH_BLOCK),)](
         part, stats, kl, B * C, splits, BLOCK=_FINISH_BLOCK, num_warps=4,
     )
-    loss = kl.sum() * (tau * tau / (B * C))
-    return loss.to(acc), stats
+    return _finish(kl, tau * tau / (B * C), acc), stats
 
 
-@_define_op("kdkernels::channel_wise_kl_triton_backward", mutates_args=())
-def _channel_wise_kl_bwd(
+def _channel_wise_kl_backward(
     grad: torch.Tensor, fs: torch.Tensor, ft: torch.Tensor, stats: torch.Tensor, tau: float
 ) -> torch.Tensor:
     """grad_fs for upstream gradient `grad` (0-dim), in fs's dtype and memory format."""
     B, C, H, W = fs.shape
     N = H * W
     acc = stats.dtype
-    stats = stats.contiguous()
-    coef = grad.to(acc) * (tau / (B * C))
     gx = torch.empty_like(fs)
     block_c, block_n, warps = _BWD_TILES[(_channels_inner(fs, ft), acc == torch.float64)]
     sB, sC, sH, sW, sN, sflat = _strides(fs)
     tB, tC, tH, tW, tN, tflat = _strides(ft)
     gB, gC, gH, gW, gN, gflat = _strides(gx)
-    inv_tau = _scalar(1.0 / tau, fs, acc)
     for b0, nb in _batch_chunks(B):
-        wrap_triton(_cwd_bwd_kernel)[(triton.cdiv(N, block_n), triton.cdiv(C, block_c), nb)](
-            coef, fs, ft, inv_tau, stats, gx, b0, C, N, W,
+        _launch(_cwd_bwd_kernel)[(triton.cdiv(N, block_n), triton.cdiv(C, block_c), nb)](
+            grad, _bits(tau / (B * C)), fs, ft, _bits(1.0 / tau), stats, gx, b0, C, N, W,
             sB, sC, sH, sW, sN,
             tB, tC, tH, tW, tN,
             gB, gC, gH, gW, gN,
@@ -337,32 +336,18 @@ def _channel_wise_kl_bwd(
     return gx
 
 
-@_channel_wise_kl_fwd.register_fake
 def _fake_fwd(fs, ft, tau):
     acc = _acc_dtype(fs)
     return fs.new_empty((), dtype=acc), fs.new_empty((fs.shape[0], fs.shape[1], 5), dtype=acc)
 
 
-@_channel_wise_kl_bwd.register_fake
 def _fake_bwd(grad, fs, ft, stats, tau):
     return torch.empty_like(fs)
 
 
-def _setup_context(ctx, inputs, output):
-    fs, ft, tau = inputs
-    ctx.save_for_backward(fs, ft, output[1])
-    ctx.mark_non_differentiable(output[1])
-    ctx.tau = tau
-
-
-def _backward(ctx, grad_loss, _grad_stats):
-    fs, ft, stats = ctx.saved_tensors
-    grad_fs = torch.ops.kdkernels.channel_wise_kl_triton_backward(grad_loss, fs, ft, stats, ctx.tau)
-    return grad_fs, None, None
-
-
-torch.library.register_autograd(
-    "kdkernels::channel_wise_kl_triton", _backward, setup_context=_setup_context)
+_channel_wise_kl = fused_loss("channel_wise_kl_triton", _channel_wise_kl_forward,
+                              _channel_wise_kl_backward, _fake_fwd, _fake_bwd,
+                              saved_inputs=(0, 1), const_inputs=(2,))
 
 
 def channel_wise_kl(fs: torch.Tensor, ft: torch.Tensor, tau: float) -> torch.Tensor:
@@ -373,4 +358,4 @@ def channel_wise_kl(fs: torch.Tensor, ft: torch.Tensor, tau: float) -> torch.Ten
     """
     if (fs.dtype == torch.float64) != (ft.dtype == torch.float64):
         fs, ft = fs.double(), ft.double()
-    return torch.ops.kdkernels.channel_wise_kl_triton(fs, ft.detach(), float(tau))[0]
+    return _channel_wise_kl(fs, ft.detach(), float(tau))

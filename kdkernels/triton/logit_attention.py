@@ -2,24 +2,27 @@
 
 Per map X (H x W, one per sample and channel): A = softmax_rows(X X^T / sqrt(W)) X (self-attention
 with Q = K = V = X, sequence length H, head dim W), q = softmax over the H*W entries of A / tau,
-loss = tau^2 sum KL(q_t || q_s) / maps. No H x H matrix is ever stored. Three kernels:
+loss = tau^2 sum KL(q_t || q_s) / maps. No H x H matrix is ever stored. Four kernels per forward
++ backward:
 
-* _la_attend_kernel, grid (row blocks I, column chunks C of A, maps), flash-attention forward: for
+* _la_attend_kernel, grid (row blocks I, column chunks C of A of the student then of the
+  teacher, maps), flash-attention forward: for
   each key block J the score tile X_I X_J^T (the head dim W stepped through BLOCK_D at a time),
   an online row softmax, and acc += P_IJ X_J[:, C]. W (up to 448 here) is too wide for one
   accumulator, so A's columns are split over programs and each recomputes the scores: with
   BLOCK_DV = 128 the scores cost ceil(W / 128) times, in exchange for more programs (a KDAS batch
   has only 16 maps). Writes A (maps, H, W) and, for the student, the row log-sum-exps.
 * _la_kl_kernel, grid (maps,): the spatial softmax-KL of one map in row tiles: maxima, then the
-  sums, then (need_grad) dA = tau (q_s - q_t) / maps and D_i = <dA_i, A_i>.
+  sums, then (need_grad) dA = tau (q_s - q_t) / maps and D_i = <dA_i, A_i>; the loss is the
+  fixed-order float64 sum of the maps' terms (_common._finish).
 * _la_bwd_kernel, grid (row blocks J, column chunks C, maps), flash-attention backward with
   Q = K = V = X: program J owns rows J of d loss / d X and walks the blocks I,
       dX_J += P_IJ^T dA_I + s (dS_IJ + dS_JI^T)^T X_I,  s = 1 / sqrt(W),
   with P_IJ = exp(s S_IJ - lse_I), dS_IJ = P_IJ o (dA_I X_J^T - D_I), and since S is symmetric
   P_JI^T = exp(s S_IJ - lse_J), dS_JI^T = P_JI^T o (X_I dA_J^T - D_J): three W-deep products
   per tile, two into the accumulator; every output row has one owner (no atomics).
-The whole gradient is computed in the forward when the student needs one (need_grad), so the
-autograd backward only scales it by the upstream gradient.
+The forward keeps dA, D and the student's row log-sum-exps when the student needs a gradient
+(need_grad); the backward kernel multiplies by the upstream gradient as it stores.
 
 Near the teacher (d = (A_s - A_t) / tau small) the KL is evaluated without cancellation, as in the
 pixel-relation kernels: KL = E_qt[expm1(d) - d] + log1p(v) - v with v = E_qt[expm1(d)], and
@@ -38,10 +41,9 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from kdkernels.triton._common import (_acc_dtype, _batch_chunks, _cast_for, _define_op, _div,
-                                      _log1p_minus_x, _mm, _pow2, _scalar)
+from kdkernels.triton._common import (_acc_dtype, _batch_chunks, _bits, _cast_for, _div, _f64,
+                                      _finish, _launch, _log1p_minus_x, _mm, _pow2, fused_loss)
 from kdkernels.triton.pixel_relation import _expm1_minus_x, _softmax_diff
 
 __all__ = ["logit_attention"]
@@ -79,20 +81,16 @@ def _scores(base, oi, oj, mask_i, mask_j, W, sW, ACC: tl.constexpr,
 
 
 @triton.jit
-def _la_attend_kernel(
-    x_ptr, par_ptr, a_ptr, lse_ptr,
-    m0, K, H, W,
-    sB, sC, sH, sW,
+def _attend_tile(
+    x_ptr, a_ptr, lse_ptr, pid_i, pid_c, m, K, H, W, sB, sC, sH, sW, scale,
     STORE_LSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """A[m, I, C] = (softmax_rows(s X X^T) X)[I, C] and (STORE_LSE) lse[m, I] of s X X^T."""
     ACC: tl.constexpr = a_ptr.dtype.element_ty
-    i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    c = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    m = (tl.program_id(2) + m0).to(tl.int64)
+    i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = pid_c * BLOCK_DV + tl.arange(0, BLOCK_DV)
     base = x_ptr + (m // K) * sB + (m % K) * sC
-    scale = tl.load(par_ptr)
     mask_i = i < H
     mask_c = c < W
     oi = i.to(tl.int64) * sH
@@ -117,20 +115,44 @@ def _la_attend_kernel(
     out = a_ptr + (m * H + i[:, None]) * W + c[None, :]
     tl.store(out, _div(acc, l_i[:, None]), mask=mask_i[:, None] & mask_c[None, :])
     if STORE_LSE:
-        if tl.program_id(1) == 0:
+        if pid_c == 0:
             tl.store(lse_ptr + m * H + i, m_i + tl.log(l_i), mask=mask_i)
 
 
 @triton.jit
+def _la_attend_kernel(
+    xs_ptr, xt_ptr, scale_bits, as_ptr, at_ptr, lse_ptr,
+    m0, K, H, W, chunks,
+    sB, sC, sH, sW,
+    tB, tC, tH, tW,
+    STORE_LSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """A of the student (column chunks 0 .. chunks - 1 of axis 1) and of the teacher (the next
+    chunks), one launch; the student's row log-sum-exps when STORE_LSE."""
+    ACC: tl.constexpr = as_ptr.dtype.element_ty
+    scale = _f64(scale_bits).to(ACC)
+    pid_i = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    m = (tl.program_id(2) + m0).to(tl.int64)
+    if pid_c < chunks:
+        _attend_tile(xs_ptr, as_ptr, lse_ptr, pid_i, pid_c, m, K, H, W, sB, sC, sH, sW, scale,
+                     STORE_LSE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
+    else:
+        _attend_tile(xt_ptr, at_ptr, lse_ptr, pid_i, pid_c - chunks, m, K, H, W, tB, tC, tH, tW,
+                     scale, False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
+
+
+@triton.jit
 def _la_kl_kernel(
-    as_ptr, at_ptr, par_ptr, kl_ptr, da_ptr, dd_ptr,
+    as_ptr, at_ptr, inv_tau_bits, coef_bits, kl_ptr, da_ptr, dd_ptr,
     H, W,
     NEED_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """Map m: kl[m] = KL(q_t || q_s); NEED_GRAD: dA = coef (q_s - q_t) and D = rowsum(dA o A_s)."""
     ACC: tl.constexpr = as_ptr.dtype.element_ty
     m = tl.program_id(0).to(tl.int64)
-    inv_tau = tl.load(par_ptr + 1)
+    inv_tau = _f64(inv_tau_bits).to(ACC)
     w = tl.arange(0, BLOCK_W)
     mask_w = w < W
     base = m * H * W
@@ -177,7 +199,7 @@ def _la_kl_kernel(
     near = tl.max(tl.max(dmx, axis=1), axis=0) <= 1.0
     tl.store(kl_ptr + m, tl.where(near, mean_q + _log1p_minus_x(v), lse_s - lse_t - mean_d))
     if NEED_GRAD:
-        coef = tl.load(par_ptr + 2)
+        coef = _f64(coef_bits).to(ACC)
         # lse_s - lse_t = log1p(v) rounded once near the teacher (see _softmax_diff).
         delta = tl.where(near, _log1p_minus_x(v) + v, lse_s - lse_t)
         lse_s = tl.where(near, lse_t + delta, lse_s)
@@ -196,20 +218,20 @@ def _la_kl_kernel(
 
 @triton.jit
 def _la_bwd_kernel(
-    x_ptr, par_ptr, da_ptr, lse_ptr, dd_ptr, g_ptr,
+    x_ptr, scale_bits, grad_ptr, da_ptr, lse_ptr, dd_ptr, g_ptr,
     m0, K, H, W,
     sB, sC, sH, sW,
     gB, gC, gH, gW,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """g[m, J, C] = (P^T dA + s (dS + dS^T) X)[J, C] for map m (see the module docstring)."""
+    """g[m, J, C] = grad (P^T dA + s (dS + dS^T) X)[J, C] for map m (see the module docstring)."""
     ACC: tl.constexpr = da_ptr.dtype.element_ty
     j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     c = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     m = (tl.program_id(2) + m0).to(tl.int64)
     base = x_ptr + (m // K) * sB + (m % K) * sC
     da_base = da_ptr + m * H * W
-    scale = tl.load(par_ptr)
+    scale = _f64(scale_bits).to(ACC)
     mask_j = j < H
     mask_c = c < W
     oj = j.to(tl.int64) * sH
@@ -251,6 +273,7 @@ def _la_bwd_kernel(
         acc = _mm(tl.trans(ds * scale), xi_c, acc)
     out = g_ptr + (m // K) * gB + (m % K) * gC + (j.to(tl.int64) * gH)[:, None] \
         + (c.to(tl.int64) * gW)[None, :]
+    acc = acc * tl.load(grad_ptr).to(ACC)
     tl.store(out, _cast_for(acc, g_ptr), mask=mask_j[:, None] & mask_c[None, :])
 
 
@@ -262,74 +285,72 @@ def _attend_config(W: int, acc: torch.dtype) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=_pow2(W, 16, max_dv))
 
 
-@_define_op("kdkernels::logit_attention_triton", mutates_args=())
 def _logit_attention_fwd(
     ps: torch.Tensor, pt: torch.Tensor, tau: float, need_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, unit): unit = d loss / d ps for a unit upstream gradient when need_grad (ps's
-    shape and memory format, accumulation dtype), else empty."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, dA, lse, D): with need_grad, what the backward kernel reads (see the kernels;
+    accumulation dtype), else empty tensors."""
     B, K, H, W = ps.shape
     maps = B * K
     acc = _acc_dtype(ps)
     dev = ps.device
-    # scale, 1 / tau, d loss / d A_s per unit (q_s - q_t): in memory, in the accumulation type
-    # (Triton passes Python floats as float32).
-    par = torch.stack([_scalar(1.0 / math.sqrt(W), ps, acc), _scalar(1.0 / tau, ps, acc),
-                       _scalar(tau / maps, ps, acc)])
+    scale = _bits(1.0 / math.sqrt(W))
     cfg = _attend_config(W, acc)
     a_s = torch.empty((maps, H, W), dtype=acc, device=dev)
     a_t = torch.empty((maps, H, W), dtype=acc, device=dev)
-    lse = torch.empty((maps, H), dtype=acc, device=dev)
-    tiles = (triton.cdiv(H, cfg["BLOCK_M"]), triton.cdiv(W, cfg["BLOCK_DV"]))
-    for x, a, store_lse in ((ps, a_s, need_grad), (pt, a_t, False)):
-        for m0, n in _batch_chunks(maps):
-            wrap_triton(_la_attend_kernel)[(*tiles, n)](
-                x, par, a, lse, m0, K, H, W, *x.stride(),
-                STORE_LSE=store_lse, num_warps=_ATTEND_WARPS, **cfg)
-    kl = torch.empty((maps,), dtype=acc, device=dev)
-    da = torch.empty((maps, H, W), dtype=acc, device=dev) if need_grad else a_s
-    dd = torch.empty((maps, H), dtype=acc, device=dev) if need_grad else lse
+    lse = torch.empty((maps, H) if need_grad else (0,), dtype=acc, device=dev)
+    chunks = triton.cdiv(W, cfg["BLOCK_DV"])
+    for m0, n in _batch_chunks(maps):
+        _launch(_la_attend_kernel)[(triton.cdiv(H, cfg["BLOCK_M"]), 2 * chunks, n)](
+            ps, pt, scale, a_s, a_t, lse if need_grad else a_s, m0, K, H, W, chunks,
+            *ps.stride(), *pt.stride(), STORE_LSE=need_grad, num_warps=_ATTEND_WARPS, **cfg)
+    kl = torch.empty((maps,), dtype=torch.float64, device=dev)  # summed in float64
+    # Without need_grad: distinct empty outputs (a custom op's outputs may not alias).
+    da = torch.empty((maps, H, W) if need_grad else (0,), dtype=acc, device=dev)
+    dd = torch.empty((maps, H) if need_grad else (0,), dtype=acc, device=dev)
     block_w = _pow2(W, 16, 1 << 30)
-    wrap_triton(_la_kl_kernel)[(maps,)](
-        a_s, a_t, par, kl, da, dd, H, W,
+    _launch(_la_kl_kernel)[(maps,)](
+        a_s, a_t, _bits(1.0 / tau), _bits(tau / maps), kl, da if need_grad else a_s,
+        dd if need_grad else a_s, H, W,
         NEED_GRAD=need_grad, BLOCK_R=max(1, _KL_TILE // block_w), BLOCK_W=block_w,
         num_warps=_KL_WARPS)
-    # Fixed-order sum of the per-map terms, in float64.
-    loss = (kl.sum(dtype=torch.float64) * (tau * tau / maps)).to(acc)
-    if not need_grad:
-        return loss, ps.new_empty((0,), dtype=acc)
-    unit = torch.empty_like(ps, dtype=acc)
-    tiles = (triton.cdiv(H, cfg["BLOCK_N"]), triton.cdiv(W, cfg["BLOCK_DV"]))
-    for m0, n in _batch_chunks(maps):
-        wrap_triton(_la_bwd_kernel)[(*tiles, n)](
-            ps, par, da, lse, dd, unit, m0, K, H, W, *ps.stride(), *unit.stride(),
-            num_warps=_ATTEND_WARPS, **cfg)
-    return loss, unit
+    return _finish(kl, tau * tau / maps, acc), da, lse, dd
 
 
-@_logit_attention_fwd.register_fake
-def _fake_fwd(ps, pt, tau, need_grad):
-    acc = _acc_dtype(ps)
-    unit = torch.empty_like(ps, dtype=acc) if need_grad else ps.new_empty((0,), dtype=acc)
-    return ps.new_empty((), dtype=acc), unit
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1])
-    ctx.dtype = inputs[0].dtype
-
-
-def _backward(ctx, grad_loss, _grad_unit):
-    (unit,) = ctx.saved_tensors
-    if unit.numel() == 0:
+def _logit_attention_bwd(
+    grad: torch.Tensor, ps: torch.Tensor, da: torch.Tensor, lse: torch.Tensor, dd: torch.Tensor
+) -> torch.Tensor:
+    """d loss / d ps for upstream gradient `grad` (0-dim), in ps's dtype and memory format."""
+    if da.numel() == 0:
         raise RuntimeError("kdkernels::logit_attention_triton was called with need_grad=False; "
                            "call it with need_grad=True to differentiate it")
-    return (grad_loss * unit).to(ctx.dtype), None, None, None
+    B, K, H, W = ps.shape
+    cfg = _attend_config(W, da.dtype)
+    gx = torch.empty_like(ps)
+    tiles = (triton.cdiv(H, cfg["BLOCK_N"]), triton.cdiv(W, cfg["BLOCK_DV"]))
+    for m0, n in _batch_chunks(B * K):
+        _launch(_la_bwd_kernel)[(*tiles, n)](
+            ps, _bits(1.0 / math.sqrt(W)), grad, da, lse, dd, gx, m0, K, H, W, *ps.stride(),
+            *gx.stride(), num_warps=_ATTEND_WARPS, **cfg)
+    return gx
 
 
-torch.library.register_autograd(
-    "kdkernels::logit_attention_triton", _backward, setup_context=_setup_context)
+def _fake_fwd(ps, pt, tau, need_grad):
+    acc = _acc_dtype(ps)
+    maps, H, W = ps.shape[0] * ps.shape[1], ps.shape[2], ps.shape[3]
+    if not need_grad:
+        return (ps.new_empty((), dtype=acc), ps.new_empty((0,), dtype=acc),
+                ps.new_empty((0,), dtype=acc), ps.new_empty((0,), dtype=acc))
+    return (ps.new_empty((), dtype=acc), ps.new_empty((maps, H, W), dtype=acc),
+            ps.new_empty((maps, H), dtype=acc), ps.new_empty((maps, H), dtype=acc))
+
+
+def _fake_bwd(grad, ps, da, lse, dd):
+    return torch.empty_like(ps)
+
+
+_logit_attention = fused_loss("logit_attention_triton", _logit_attention_fwd, _logit_attention_bwd,
+                              _fake_fwd, _fake_bwd, saved_inputs=(0,), const_inputs=())
 
 
 def logit_attention(ps: torch.Tensor, pt: torch.Tensor, tau: float) -> torch.Tensor:
@@ -344,4 +365,4 @@ def logit_attention(ps: torch.Tensor, pt: torch.Tensor, tau: float) -> torch.Ten
     if ps.dim() == 3:
         ps, pt = ps.unsqueeze(1), pt.unsqueeze(1)
     need_grad = ps.requires_grad and torch.is_grad_enabled()
-    return torch.ops.kdkernels.logit_attention_triton(ps, pt.detach(), float(tau), need_grad)[0]
+    return _logit_attention(ps, pt.detach(), float(tau), need_grad)

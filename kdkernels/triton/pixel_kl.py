@@ -9,9 +9,10 @@ strides (NCHW: coalesced along the pixels; channels_last and (B, K) logits: alon
 no copies). When the Kv = max(K, 2) channels fit one tile (K <= 256) the tile stays in registers
 from the statistics to the gradient; otherwise the channels are walked twice, with an online
 softmax (running maxima, rescaled sums) and then a re-read for the gradient. When the student
-needs a gradient the same program writes d loss / d zs for a unit upstream gradient, so the
-backward is one scale. Each program writes the KL sum of its pixels; the loss is their
-fixed-order sum (deterministic, no atomics). count = mask.sum() stays on the device.
+needs a gradient the same program writes p_s - p_t, so the backward is one scale. Each program
+writes the KL sum and the count of its pixels; a one-program finish kernel sums them in a fixed
+order (deterministic, no atomics) into the loss and the backward's factor T / count, which
+stay on the device. Three kernels per forward + backward.
 
 Precision (as in csrc/cpu/pixel_kl.cpp). With d = (zs - zt) / T, u = E_pt[e^d] - 1 = a + c,
 a = E_pt[d], c = E_pt[phi(d)], phi(d) = e^d - 1 - d (Taylor series, |d| <= 1):
@@ -29,10 +30,22 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from kdkernels.ops.pixel_kl import prepare, scale_grad
-from kdkernels.triton._common import _acc_dtype, _cast_for, _define_op, _div, _flat, _pixel_offsets
+from kdkernels.ops.pixel_kl import prepare
+from kdkernels.triton._common import (
+    _FINISH_BLOCK,
+    _acc_dtype,
+    _bits,
+    _cast_for,
+    _div,
+    _f64,
+    _fixed_sum,
+    _flat,
+    _launch,
+    _pixel_offsets,
+    _scaled,
+    fused_loss,
+)
 
 __all__ = ["pixel_kl"]
 
@@ -134,7 +147,7 @@ def _tile_grad(zs, zt, ms, mt, delta, inv_ss, inv_st, inv_t, scale):
 
 @triton.jit
 def _pixel_kl_kernel(
-    zs_ptr, zt_ptr, m_ptr, count_ptr, t_ptr, g_ptr, part_ptr,
+    zs_ptr, zt_ptr, m_ptr, t_bits, g_ptr, part_ptr, count_ptr,
     K, Kv, N, W, P,
     sB, sC, sH, sW, sN,
     tB, tC, tH, tW, tN,
@@ -144,7 +157,8 @@ def _pixel_kl_kernel(
     MASKED: tl.constexpr, NEED_GRAD: tl.constexpr, ONE_TILE: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """part[pid] = sum over the program's counted pixels of KL; g = d loss / d zs (NEED_GRAD)."""
+    """part[pid] = sum over the program's counted pixels of KL and count[pid] their number;
+    g = p_s - p_t for the counted pixels, 0 elsewhere (NEED_GRAD)."""
     ACC: tl.constexpr = part_ptr.dtype.element_ty
     pid = tl.program_id(0)
     p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -158,8 +172,7 @@ def _pixel_kl_kernel(
         counted = ok & (tl.load(m_ptr + off_m, mask=ok, other=0) != 0)
     else:
         counted = ok
-    temperature = tl.load(t_ptr)
-    inv_t = _div(tl.full([], 1.0, ACC), temperature)
+    inv_t = _div(tl.full([], 1.0, ACC), _f64(t_bits).to(ACC))
     c = tl.arange(0, BLOCK_K)
 
     if ONE_TILE:
@@ -207,9 +220,10 @@ def _pixel_kl_kernel(
     kl = tl.where(near, sphi * inv_st - psi, delta - a)
     # where, not a product: an excluded pixel may hold NaN.
     tl.store(part_ptr + pid, tl.sum(tl.where(counted, kl, 0.0), axis=0))
+    tl.store(count_ptr + pid, tl.sum(counted.to(tl.int32), axis=0))
 
     if NEED_GRAD:
-        scale = _div(temperature, tl.load(count_ptr).to(ACC))
+        scale = 1.0
         off_g = b * gB + _pixel_offsets(n, W, gH, gW, gN, FLAT_G)
         if ONE_TILE:
             g = _tile_grad(zs, zt, ms, mt, delta, inv_ss, inv_st, inv_t, scale)
@@ -225,6 +239,23 @@ def _pixel_kl_kernel(
                 g = tl.where(counted[None, :], g, 0.0)
                 out = g_ptr + (ck.to(tl.int64) * gC)[:, None] + off_g[None, :]
                 tl.store(out, _cast_for(g, g_ptr), mask=(ck < K)[:, None] & ok[None, :])
+
+
+@triton.jit
+def _pixel_kl_finish_kernel(part_ptr, count_ptr, n, t_bits, loss_ptr, factor_ptr,
+                            BLOCK: tl.constexpr):
+    """loss = T^2 sum KL / count; factor = T / count, the backward's scale of p_s - p_t (0 when
+    nothing is counted: the loss is then 0 / 0 = NaN like the reference's, the gradient 0)."""
+    ACC: tl.constexpr = loss_ptr.dtype.element_ty
+    t = _f64(t_bits).to(ACC)
+    total = _fixed_sum(part_ptr, n, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.int64)
+    for start in range(0, n, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        acc += tl.load(count_ptr + i, mask=i < n, other=0).to(tl.int64)
+    count = tl.sum(acc, axis=0).to(ACC)
+    tl.store(loss_ptr, _div(total * t * t, count))
+    tl.store(factor_ptr, tl.where(count > 0, _div(t, count), 0.0))
 
 
 # --- host side ------------------------------------------------------------------------------
@@ -249,13 +280,12 @@ def _tile(kv: int) -> tuple[int, int]:
     return block_k, min(_MAX_BLOCK_P, _TILE_ELEMS // block_k)
 
 
-@_define_op("kdkernels::pixel_kl_triton", mutates_args=())
-def _pixel_kl_triton(
+def _pixel_kl_forward(
     zs: torch.Tensor, zt: torch.Tensor, temperature: float, mask: Optional[torch.Tensor],
     need_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, grad_unit): grad_unit = d loss / d zs for a unit upstream gradient (need_grad),
-    else an empty tensor."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, unit, factor): unit = p_s - p_t per counted pixel (need_grad, else empty), factor
+    (0-dim) = T / count, so that d loss / d zs = factor * unit."""
     if zs.shape != zt.shape or zs.dtype != zt.dtype or zs.dim() not in (2, 4):
         raise ValueError("pixel_kl_triton: zs and zt must be (B, K) or (B, K, H, W) of one shape and "
                          f"dtype, got {tuple(zs.shape)} {zs.dtype} and {tuple(zt.shape)} {zt.dtype}")
@@ -264,54 +294,53 @@ def _pixel_kl_triton(
     B, K, H, W = zs4.shape
     N = H * W
     kv = max(K, 2)
-    if mask is None:
-        count = torch.full((), B * N, dtype=torch.int64, device=zs.device)
-        m3 = zs4  # unused
-    else:
-        count = mask.sum()
-        m3 = _as_maps(mask, 3).view(torch.uint8)
-    grad = torch.empty_like(zs) if need_grad else zs.new_empty((0,))
-    g4 = _as_maps(grad, 4) if need_grad else zs4
+    m3 = zs4 if mask is None else _as_maps(mask, 3).view(torch.uint8)  # zs4: unused
+    unit = torch.empty_like(zs) if need_grad else zs.new_empty((0,))
+    g4 = _as_maps(unit, 4) if need_grad else zs4
     block_k, block_p = _tile(kv)
     grid = (triton.cdiv(B * N, block_p),)
     partial = torch.empty(grid, dtype=acc, device=zs.device)
-    t = torch.full((), temperature, dtype=acc, device=zs.device)
+    counts = torch.empty(grid, dtype=torch.int32, device=zs.device)
+    t_bits = _bits(temperature)
     s_strides, t_strides = _pixel_strides(zs4), _pixel_strides(zt4)
     g_strides = _pixel_strides(g4)
     m_strides = _pixel_strides(m3) if mask is not None else (0, 0, 0, 0, True)
-    wrap_triton(_pixel_kl_kernel)[grid](
-        zs4, zt4, m3, count, t, g4, partial,
+    _launch(_pixel_kl_kernel)[grid](
+        zs4, zt4, m3, t_bits, g4, partial, counts,
         K, kv, N, W, B * N,
         *s_strides[:5], *t_strides[:5], *g_strides[:5], *m_strides[:4],
         FLAT_S=s_strides[5], FLAT_T=t_strides[5], FLAT_G=g_strides[5], FLAT_M=m_strides[4],
         MASKED=mask is not None, NEED_GRAD=need_grad, ONE_TILE=kv <= block_k,
         BLOCK_K=block_k, BLOCK_P=block_p, num_warps=_NUM_WARPS,
     )
-    # count == 0 (nothing counted): 0 / 0 = NaN like the reference, and a zero gradient.
-    return partial.sum() * (temperature * temperature) / count, grad
+    loss = partial.new_empty(())
+    factor = partial.new_empty(())
+    _launch(_pixel_kl_finish_kernel)[(1,)](partial, counts, grid[0], t_bits, loss, factor,
+                                           BLOCK=_FINISH_BLOCK, num_warps=4)
+    return loss, unit, factor
 
 
-@_pixel_kl_triton.register_fake
-def _fake(zs, zt, temperature, mask, need_grad):
+def _pixel_kl_backward(grad: torch.Tensor, unit: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    if unit.numel() == 0:
+        raise RuntimeError("pixel_kl: backward through a call made with need_grad=False")
+    return _scaled(unit, grad, factor)
+
+
+def _fake_forward(zs, zt, temperature, mask, need_grad):
     loss = zs.new_empty((), dtype=_acc_dtype(zs))
-    return loss, torch.empty_like(zs) if need_grad else zs.new_empty((0,))
+    unit = torch.empty_like(zs) if need_grad else zs.new_empty((0,))
+    return loss, unit, zs.new_empty((), dtype=_acc_dtype(zs))
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1])
+def _fake_backward(grad, unit, factor):
+    return torch.empty_like(unit)
 
 
-def _backward(ctx, grad_loss, _grad_unit):
-    (grad_unit,) = ctx.saved_tensors
-    return scale_grad(grad_unit, grad_loss), None, None, None, None
-
-
-torch.library.register_autograd(
-    "kdkernels::pixel_kl_triton", _backward, setup_context=_setup_context)
+_pixel_kl = fused_loss("pixel_kl_triton", _pixel_kl_forward, _pixel_kl_backward, _fake_forward,
+                       _fake_backward, saved_inputs=(), const_inputs=())
 
 
 def pixel_kl(zs, zt, temperature, mask):
     """Pixel KL loss (0-dim; float32, float64 for float64 inputs), autograd to zs."""
     zs, zt, need_grad = prepare(zs, zt)
-    return torch.ops.kdkernels.pixel_kl_triton(zs, zt, float(temperature), mask, need_grad)[0]
+    return _pixel_kl(zs, zt, float(temperature), mask, need_grad)

@@ -3,40 +3,46 @@
 Per sample every pixel's C-vector is L2-normalised (A = Cs x N from fs, T = Ct x N from ft) and
 the N x N cosine-similarity matrices S_s = A^T A, S_t = T^T T are compared. S is never
 materialised: memory stays O(B * N * C). Math and op contract: SPEC section 3 and the relations
-contract. Pixel norms come from _pixel_norm_kernel (grid (N blocks, B)) into a (B, N) buffer; the
-other kernels load the raw features through their strides and normalise on the fly.
+contract. The kernels load the raw features through their strides and take the pixel norms
+(sums of squares in float64) from the tiles they load anyway, so no pass computes them apart.
 
-distance="kl", the flagship (ops kdkernels::pixel_relation_kl_triton[_backward]):
+distance="kl", the flagship (ops kdkernels::pixel_relation_kl_triton[_backward]), three kernels:
 * forward, flash-attention style, grid (N / BLOCK_M row blocks I, B): for each column block J
   the tiles X_s = A_I^T A_J / tau and X_t = T_I^T T_J / tau are formed with tl.dot (raw-feature
   products scaled by the per-pixel inverse norms), and per row an online softmax runs for both
   (running max, rescaled sums) together with the rescaled sums of e_t * d and e_t * (exp(d) - 1
   - d), e_t = exp(X_t - running max), d = X_s - X_t. It writes lse_s, lse_t (B, N) and the
-  per-row KL term; the loss is their fixed-order sum (in float64) times tau^2 / (B N).
-  Per-row KL: KL_i = sum_j p_t (X_t - X_s) + lse_s - lse_t. Near the teacher this bracket
-  cancels catastrophically (each part is O(|d|), the result O(d^2)). With v = sum_j p_t expm1(d)
-  (so lse_s - lse_t = log1p(v)) it equals sum_j p_t (expm1(d) - d) + (log1p(v) - v): a sum of
-  non-negative terms plus a smaller correction, both evaluated by series for small arguments,
-  accurate to the rounding of the tiles themselves. That form is used where every |d| <= 1 in
-  the row (near the teacher), the contract's bracket otherwise. There lse_s is also stored as
-  lse_t + log1p(v) (see the backward).
-* Tiles: X = (raw dot) * scale_i * scale_j with the scales 1 / (max(n, eps) tau) in float64 (the
-  pixel norms are accumulated in float64): one rounding per tile entry instead of one per
-  factor; and the diagonal of a unit pixel is exactly 1 / tau. Both matter near the teacher.
-* backward, grid (row blocks I, channel blocks of Cs, B): recomputes the tiles; with
-  Gm_ij = g tau / (B N) (p_s_ij - p_t_ij), dA_{:, I} = sum_J A_J (Gm_IJ + Gm_JI^T), and since
-  S is symmetric both terms come from the same tiles (lse of rows I and of columns J): no
-  atomics. p_s - p_t is evaluated as p_t expm1(d - (lse_s - lse_t)) where that argument is
-  small (lse_s - lse_t is exact in floating point for close values, and the forward stored it as
-  log1p(v) rounded once), the plain difference otherwise. The pixel-normalisation backward needs
-  <A_i, dA_i> over all channels: fused into the epilogue when one channel block covers Cs, else
-  dA goes to a (B, Cs, N) buffer and _pixel_norm_bwd_kernel finishes.
+  per-row KL term; the loss is their fixed-order float64 sum times tau^2 / (B N)
+  (_common._finish). Per-row KL: KL_i = sum_j p_t (X_t - X_s) + lse_s - lse_t. Near the teacher
+  this bracket cancels catastrophically (each part is O(|d|), the result O(d^2)). With
+  v = sum_j p_t expm1(d) (so lse_s - lse_t = log1p(v)) it equals sum_j p_t (expm1(d) - d) +
+  (log1p(v) - v): a sum of non-negative terms plus a smaller correction, both evaluated by
+  series for small arguments, accurate to the rounding of the tiles themselves. That form is
+  used where every |d| <= 1 in the row (near the teacher), the contract's bracket otherwise.
+  There lse_s is also stored as lse_t + log1p(v) (see the backward).
+* Tiles: X = (raw dot) * scale_i * scale_j with the scales 1 / (max(n, eps) tau) in float64:
+  one rounding per tile entry instead of one per factor; and the diagonal of a unit pixel is
+  exactly 1 / tau. Both matter near the teacher.
+* backward, grid (row blocks I, B): recomputes the tiles; with Gm_ij = g tau / (B N)
+  (p_s_ij - p_t_ij), dA_{:, I} = sum_J A_J (Gm_IJ + Gm_JI^T), and since S is symmetric both
+  terms come from the same tiles (lse of rows I and of columns J): no atomics. p_s - p_t is
+  evaluated as p_t expm1(d - (lse_s - lse_t)) where that argument is small (lse_s - lse_t is
+  exact in floating point for close values, and the forward stored it as log1p(v) rounded once),
+  the plain difference otherwise. One program holds every student channel of its rows, so the
+  pixel-normalisation backward (which needs <A_i, dA_i> over all channels) is its epilogue;
+  past _KL_MAX_BLOCK_CO channels it walks the channel blocks twice (the dots, then the output),
+  recomputing the tiles, rather than launching a second kernel.
 
-distance="mse" (ops kdkernels::pixel_relation_mse_triton[_backward]): the algebraic route in
-float64, ||S_s - S_t||_F^2 = ||A A^T||^2 + ||T T^T||^2 - 2 ||A T^T||^2, with the small Grams
-m_ss, m_st, m_tt computed by the split-K Gram kernel (_common._gram) from A, T normalised in
-float64; backward dA = g 4 / (B N^2) (m_ss A - m_st T) by _pr_mse_bwd_kernel (float64), then the
-pixel-normalisation backward (fused or via the buffer, as above).
+distance="mse" (ops kdkernels::pixel_relation_mse_triton[_backward]), four kernels: the
+algebraic route in float64, ||S_s - S_t||_F^2 = ||A A^T||^2 + ||T T^T||^2 - 2 ||A T^T||^2:
+* _pr_gram_kernel, grid (tile pairs of m_ss, m_st and m_tt, splits of N, B): the three small
+  Grams split-K over the pixels, the features normalised per pixel as they load;
+* _pr_mse_tail_kernel, grid (B,): merges the splits in a fixed order, keeps m_ss and m_st for
+  the backward and writes the sample's ||S_s - S_t||^2 (>= 0: a negative rounding residue is
+  clamped); _common._finish sums the samples;
+* _pr_mse_bwd_kernel, grid (pixel blocks, B): dA = g 4 / (B N^2) (m_ss A - m_st T) for every
+  student channel of its pixels, then the pixel-normalisation backward (two passes over the
+  channel blocks past _MSE_MAX_BLOCK_CO channels, as above).
 
 Precision per path: mse entirely float64 (FMA products, _common._mm); kl tiles float32 products
 (fp32 tl.dot with _common._DOT_PRECISION = "ieee", or 16-bit tensor-core dots of the raw 16-bit
@@ -50,39 +56,34 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from kdkernels.triton._common import (
-    GRAM_PIXEL_NORM,
     _acc_dtype,
     _batch_chunks,
+    _bits,
     _cast_for,
-    _define_op,
     _div,
     _eps_like,
-    _gram,
+    _f64,
+    _finish,
     _inv_norm,
+    _launch,
     _log1p_minus_x,
     _mm,
     _pixel_offsets,
     _pow2,
-    _scalar,
     _strides,
+    fused_loss,
 )
 
 __all__ = ["pixel_relation"]
 
-# Streaming tiles [BLOCK_C, BLOCK_N] for the pixel norms and the normalisation backward: NCHW-like
-# inputs (pixels contiguous) take few channels by many pixels, channels_last ones 32 channels by
-# 64 pixels (as in attention_transfer).
-_TILE_PIXELS_CONTIGUOUS = (8, 256)
-_TILE_CHANNELS_CONTIGUOUS = (32, 64)
 # KL tiles, float32 accumulation: BLOCK_M x BLOCK_N pixel tiles; the channel dimension of the
 # tile products is padded to a power of two >= 16. Up to _KL_RESIDENT_K channels the I-block of
 # features is loaded once per program and kept (one tl.dot per tile), beyond that the products
 # step through _KL_BLOCK_K channels at a time. The backward accumulates dA for up to
-# _KL_MAX_BLOCK_CO channels per program (more channels: several programs per row block, each
-# recomputing the tiles, and a separate normalisation-backward pass).
+# _KL_MAX_BLOCK_CO student channels per program (BLOCK_N halved at 128 channels to keep the
+# registers); more channels take two passes.
 # These sizes come from ptxas register reports for sm_90 (Triton 3.8), not from timings: two
 # fp32 "ieee" (FMA) tile products per step plus the online-softmax state spill heavily at
 # 64 x 64 with 4 warps; 32 x 64 with 8 warps compiles without spills (forward) or with a few
@@ -90,16 +91,20 @@ _TILE_CHANNELS_CONTIGUOUS = (32, 64)
 _KL_BLOCK = (32, 64)  # (BLOCK_M, BLOCK_N)
 _KL_RESIDENT_K = 64
 _KL_BLOCK_K = 32
-_KL_MAX_BLOCK_CO = 64
+_KL_MAX_BLOCK_CO = 128
 _KL_WARPS = (8, 8)  # (forward, backward)
 # float64 (FMA products, see _common._mm): small tiles.
 _KL_BLOCK_FP64 = (16, 16)
 _KL_BLOCK_K_FP64 = 4
 _KL_MAX_BLOCK_CO_FP64 = 32
 _KL_WARPS_FP64 = 4
-# mse backward (float64 FMA): [BLOCK_N, BLOCK_CO] tiles, BLOCK_K channels per step.
-_MSE_BWD_BLOCK = (32, 4)  # (BLOCK_N, BLOCK_K)
-_MSE_MAX_BLOCK_CO = 64
+# mse, float64 FMA products of at most 8192 elements per step: Gram tiles [BC, BC] (BC <= 32)
+# over BK pixels; backward [BLOCK_N, BLOCK_CO] tiles over BLOCK_K channels.
+_GRAM_BLOCK = (32, 8)  # (max BC, BK)
+_GRAM_TARGET_PROGRAMS = 512
+_MSE_MAX_BLOCK_CO = 128
+_MSE_BWD_ELEMS = 8192
+_MSE_BWD_BLOCK_K = 4
 _NUM_WARPS = 4
 
 
@@ -151,15 +156,64 @@ def _softmax_diff(xs, xt, lse_s, lse_t, delta):
 
 
 @triton.jit
-def _scores(base, C, sC, i, j, oi, oj, mask_i, mask_j, a_i, scale_i, scale_j, unit_i, inv_tau,
+def _normalized_dot(base, off, co, sC, C, mask_p, inv, da):
+    """Per pixel sum over the channels co of A * dA, A = raw / n (inv = 1 / max(n, eps)), for a
+    [pixels, channels] tile dA."""
+    raw = tl.load(base + off[:, None] + (co.to(tl.int64) * sC)[None, :],
+                  mask=mask_p[:, None] & (co < C)[None, :], other=0.0)
+    return tl.sum(raw.to(da.dtype) * inv[:, None] * da, axis=1)
+
+
+@triton.jit
+def _norm_backward_block(base, off, co, sC, C, mask_p, inv, nrm, dot, da):
+    """d fs of the channels co from dA: (dA - A <A, dA>) / n where n = ||fs[:, pixel]|| > eps,
+    else dA / eps (dot = <A, dA> over ALL channels of each pixel)."""
+    raw = tl.load(base + off[:, None] + (co.to(tl.int64) * sC)[None, :],
+                  mask=mask_p[:, None] & (co < C)[None, :], other=0.0)
+    dot = tl.where(nrm > _eps_like(nrm), dot, 0.0)
+    return (da - raw.to(da.dtype) * inv[:, None] * dot[:, None]) * inv[:, None]
+
+
+# --- kernels --------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sumsq(tile, axis: tl.constexpr):
+    """Float64 sums of squares of a raw feature tile along its channel axis."""
+    v = tile.to(tl.float64)
+    return tl.sum(v * v, axis=axis)
+
+
+@triton.jit
+def _row_block(base, C, sC, oi, mask_i, RESIDENT: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    """(the [BLOCK_M, BLOCK_K] raw I-block when RESIDENT, else a placeholder; the rows' float64
+    sums of squares over all C channels)."""
+    if RESIDENT:
+        k = tl.arange(0, BLOCK_K)
+        a = tl.load(base + oi[:, None] + (k.to(tl.int64) * sC)[None, :],
+                    mask=mask_i[:, None] & (k < C)[None, :], other=0.0)
+        sq = _sumsq(a, 1)
+    else:
+        a = tl.zeros([1], dtype=tl.float32)  # unused
+        sq = tl.zeros([BLOCK_M], dtype=tl.float64)
+        for k0 in range(0, C, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            sq += _sumsq(tl.load(base + oi[:, None] + (k.to(tl.int64) * sC)[None, :],
+                                 mask=mask_i[:, None] & (k < C)[None, :], other=0.0), 1)
+    return a, sq
+
+
+@triton.jit
+def _scores(base, C, sC, i, j, oi, oj, mask_i, mask_j, a_i, scale_i, unit_i, inv_tau,
             RESIDENT: tl.constexpr, ACC: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] tile X_ij = scale_i scale_j sum_c x[c, i] x[c, j] from the raw features.
+    """([BLOCK_M, BLOCK_N] tile X_ij = scale_i scale_j sum_c x[c, i] x[c, j], scale_j) from the
+    raw features; scale_j = 1 / max(n_j, eps) from the column norms summed on the way.
 
-    scale_i = 1 / (max(n_i, eps) tau), scale_j = 1 / max(n_j, eps), in float64 (one rounding of
-    the product). The diagonal of a unit pixel (unit_i: n_i > eps) is set to exactly 1 / tau,
-    its true value: near the teacher the rounding of the computed one would otherwise be a
-    large part of X_s - X_t there.
+    scale_i = 1 / (max(n_i, eps) tau) in float64 (one rounding of the product). The diagonal of a
+    unit pixel (unit_i: n_i > eps) is set to exactly 1 / tau, its true value: near the teacher
+    the rounding of the computed one would otherwise be a large part of X_s - X_t there.
     RESIDENT: a_i is the [BLOCK_M, BLOCK_K] I-block (BLOCK_K >= C), one product. Otherwise the
     channels are stepped through BLOCK_K at a time (a_i unused).
     """
@@ -169,8 +223,10 @@ def _scores(base, C, sC, i, j, oi, oj, mask_i, mask_j, a_i, scale_i, scale_j, un
         b_j = tl.load(base + (k.to(tl.int64) * sC)[:, None] + oj[None, :],
                       mask=mask_k[:, None] & mask_j[None, :], other=0.0)
         s = _mm(a_i, b_j, tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC))
+        sq_j = _sumsq(b_j, 0)
     else:
         s = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        sq_j = tl.zeros([BLOCK_N], dtype=tl.float64)
         for k0 in range(0, C, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             mask_k = k < C
@@ -180,110 +236,31 @@ def _scores(base, C, sC, i, j, oi, oj, mask_i, mask_j, a_i, scale_i, scale_j, un
             b_j = tl.load(base + koff[:, None] + oj[None, :],
                           mask=mask_k[:, None] & mask_j[None, :], other=0.0)
             s = _mm(a, b_j, s)
+            sq_j += _sumsq(b_j, 0)
+    scale_j = _inv_norm(tl.sqrt(sq_j))
     # The scales are float64: one rounding of the product instead of one per factor.
     x = (s.to(tl.float64) * (scale_i[:, None] * scale_j[None, :])).to(ACC)
-    return tl.where((i[:, None] == j[None, :]) & unit_i[:, None], inv_tau.to(ACC), x)
+    return tl.where((i[:, None] == j[None, :]) & unit_i[:, None], inv_tau.to(ACC), x), scale_j
 
 
 @triton.jit
-def _resident_block(base, C, sC, oi, mask_i, RESIDENT: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The [BLOCK_M, BLOCK_K] raw I-block of features when RESIDENT (else a placeholder)."""
-    if RESIDENT:
-        k = tl.arange(0, BLOCK_K)
-        a = tl.load(base + oi[:, None] + (k.to(tl.int64) * sC)[None, :],
-                    mask=mask_i[:, None] & (k < C)[None, :], other=0.0)
-    else:
-        a = tl.zeros([1], dtype=tl.float32)  # unused
-    return a
-
-
-@triton.jit
-def _pixel_norm_backward(da, raw, nrm):
-    """d fs for a [pixels, channels] tile holding ALL channels of its pixels, given dA.
-
-    (dA - A <A, dA>) / n where n = ||fs[:, pixel]|| > eps, else dA / eps.
-    """
-    inv = _inv_norm(nrm)
-    a = raw.to(da.dtype) * inv[:, None]
-    dot = tl.where(nrm > _eps_like(nrm), tl.sum(a * da, axis=1), 0.0)
-    return (da - a * dot[:, None]) * inv[:, None]
-
-
-# --- kernels --------------------------------------------------------------------------------
-
-
-@triton.jit
-def _pixel_norm_kernel(
-    x_ptr, nrm_ptr,
-    b0, C, N, W,
-    sB, sC, sH, sW, sN,
-    FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """nrm[b, n] = ||x[b, :, n]||_2, accumulated in nrm's dtype."""
-    ACC: tl.constexpr = nrm_ptr.dtype.element_ty
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    b = (tl.program_id(1) + b0).to(tl.int64)
-    mask_n = n < N
-    off = _pixel_offsets(n, W, sH, sW, sN, FLAT)
-    base = x_ptr + b * sB
-    acc = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        mask = (c < C)[:, None] & mask_n[None, :]
-        v = tl.load(base + (c.to(tl.int64) * sC)[:, None] + off[None, :], mask=mask,
-                    other=0.0).to(ACC)
-        acc += v * v
-    ss = tl.sum(acc, axis=0)
-    if ss.dtype.is_fp64():
-        nrm = tl.sqrt(ss)
-    else:
-        nrm = tl.sqrt_rn(ss)
-    tl.store(nrm_ptr + b * N + n, nrm, mask=mask_n)
-
-
-@triton.jit
-def _pixel_norm_bwd_kernel(
-    da_ptr, x_ptr, nrm_ptr, gx_ptr,
-    b0, C, N, W,
-    dB, dC, dH, dW, dN,
-    sB, sC, sH, sW, sN,
-    gB, gC, gH, gW, gN,
-    DFLAT: tl.constexpr, FLAT: tl.constexpr, GFLAT: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """grad_x from dA (a (B, C, H, W) buffer in ACC): two passes over the channels."""
-    ACC: tl.constexpr = da_ptr.dtype.element_ty
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    b = (tl.program_id(1) + b0).to(tl.int64)
-    mask_n = n < N
-    nrm = tl.load(nrm_ptr + b * N + n, mask=mask_n, other=1.0)
-    inv = _inv_norm(nrm).to(ACC)
-    d_base = da_ptr + b * dB
-    x_base = x_ptr + b * sB
-    g_base = gx_ptr + b * gB
-    doff = _pixel_offsets(n, W, dH, dW, dN, DFLAT)[None, :]
-    xoff = _pixel_offsets(n, W, sH, sW, sN, FLAT)[None, :]
-    goff = _pixel_offsets(n, W, gH, gW, gN, GFLAT)[None, :]
-    dot = tl.zeros([BLOCK_N], dtype=ACC)
-    for c0 in range(0, C, BLOCK_C):
-        c = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
-        mask = (c < C)[:, None] & mask_n[None, :]
-        da = tl.load(d_base + (c * dC)[:, None] + doff, mask=mask, other=0.0)
-        a = tl.load(x_base + (c * sC)[:, None] + xoff, mask=mask, other=0.0).to(ACC)
-        dot += tl.sum(a * inv[None, :] * da, axis=0)
-    dot = tl.where(nrm > _eps_like(nrm), dot, 0.0)
-    for c0 in range(0, C, BLOCK_C):
-        c = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
-        mask = (c < C)[:, None] & mask_n[None, :]
-        da = tl.load(d_base + (c * dC)[:, None] + doff, mask=mask, other=0.0)
-        a = tl.load(x_base + (c * sC)[:, None] + xoff, mask=mask, other=0.0).to(ACC)
-        gx = (da - a * inv[None, :] * dot[None, :]) * inv[None, :]
-        tl.store(g_base + (c * gC)[:, None] + goff, _cast_for(gx, gx_ptr), mask=mask)
+def _row_setup(s_base, t_base, Cs, Ct, sC, tC, oi_s, oi_t, mask_i, inv_tau,
+               RES_S: tl.constexpr, RES_T: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_KS: tl.constexpr, BLOCK_KT: tl.constexpr):
+    """Per row block: the resident I-blocks, the row scales 1 / (max(n, eps) tau), the unit
+    masks (n > eps) and the student's row norms, for student and teacher."""
+    a_s, sq_s = _row_block(s_base, Cs, sC, oi_s, mask_i, RES_S, BLOCK_KS, BLOCK_M)
+    a_t, sq_t = _row_block(t_base, Ct, tC, oi_t, mask_i, RES_T, BLOCK_KT, BLOCK_M)
+    nrm_s = tl.sqrt(sq_s)
+    nrm_t = tl.sqrt(sq_t)
+    sc_s = _inv_norm(nrm_s) * inv_tau
+    sc_t = _inv_norm(nrm_t) * inv_tau
+    return a_s, a_t, sc_s, sc_t, nrm_s > _eps_like(nrm_s), nrm_t > _eps_like(nrm_t), nrm_s
 
 
 @triton.jit
 def _pr_kl_fwd_kernel(
-    s_ptr, t_ptr, ns_ptr, nt_ptr, tau_ptr, lse_s_ptr, lse_t_ptr, term_ptr,
+    s_ptr, t_ptr, tau_bits, lse_s_ptr, lse_t_ptr, term_ptr,
     b0, Cs, Ct, N, W,
     sB, sC, sH, sW, sN,
     tB, tC, tH, tW, tN,
@@ -297,20 +274,15 @@ def _pr_kl_fwd_kernel(
     b = (tl.program_id(1) + b0).to(tl.int64)
     mask_i = i < N
     row = b * N + i
-    inv_tau = 1.0 / tl.load(tau_ptr)  # float64 (see _scores)
+    inv_tau = 1.0 / _f64(tau_bits)  # float64 (see _scores)
     s_base = s_ptr + b * sB
     t_base = t_ptr + b * tB
     oi_s = _pixel_offsets(i, W, sH, sW, sN, SFLAT)
     oi_t = _pixel_offsets(i, W, tH, tW, tN, TFLAT)
     # Row scales carry 1/tau: X = S / tau.
-    nrm_i = tl.load(ns_ptr + row, mask=mask_i, other=1.0)
-    nrm_ti = tl.load(nt_ptr + row, mask=mask_i, other=1.0)
-    sc_s = _inv_norm(nrm_i) * inv_tau
-    sc_t = _inv_norm(nrm_ti) * inv_tau
-    unit_s = nrm_i > _eps_like(nrm_i)
-    unit_t = nrm_ti > _eps_like(nrm_ti)
-    a_s = _resident_block(s_base, Cs, sC, oi_s, mask_i, RES_S, BLOCK_KS)
-    a_t = _resident_block(t_base, Ct, tC, oi_t, mask_i, RES_T, BLOCK_KT)
+    a_s, a_t, sc_s, sc_t, unit_s, unit_t, nrm_s = _row_setup(
+        s_base, t_base, Cs, Ct, sC, tC, oi_s, oi_t, mask_i, inv_tau, RES_S, RES_T, BLOCK_M,
+        BLOCK_KS, BLOCK_KT)
     m_s = tl.full([BLOCK_M], float("-inf"), ACC)
     l_s = tl.zeros([BLOCK_M], dtype=ACC)
     m_t = tl.full([BLOCK_M], float("-inf"), ACC)
@@ -321,17 +293,13 @@ def _pr_kl_fwd_kernel(
     for j0 in range(0, N, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         mask_j = j < N
-        col = b * N + j
         oj_s = _pixel_offsets(j, W, sH, sW, sN, SFLAT)
         oj_t = _pixel_offsets(j, W, tH, tW, tN, TFLAT)
-        sc_sj = _inv_norm(tl.load(ns_ptr + col, mask=mask_j, other=1.0))
-        sc_tj = _inv_norm(tl.load(nt_ptr + col, mask=mask_j, other=1.0))
-        xs = _scores(s_base, Cs, sC, i, j, oi_s, oj_s, mask_i, mask_j, a_s,
-                     sc_s, sc_sj, unit_s, inv_tau, RES_S, ACC, BLOCK_M, BLOCK_N,
-                     BLOCK_KS)
-        xt = _scores(t_base, Ct, tC, i, j, oi_t, oj_t, mask_i, mask_j, a_t,
-                     sc_t, sc_tj, unit_t, inv_tau, RES_T, ACC, BLOCK_M, BLOCK_N,
-                     BLOCK_KT)
+        # (The column scales, the second results, are the backward's business.)
+        xs, sc_sj = _scores(s_base, Cs, sC, i, j, oi_s, oj_s, mask_i, mask_j, a_s, sc_s, unit_s,
+                            inv_tau, RES_S, ACC, BLOCK_M, BLOCK_N, BLOCK_KS)
+        xt, sc_tj = _scores(t_base, Ct, tC, i, j, oi_t, oj_t, mask_i, mask_j, a_t, sc_t, unit_t,
+                            inv_tau, RES_T, ACC, BLOCK_M, BLOCK_N, BLOCK_KT)
         valid = mask_j[None, :]
         # Student: online logsumexp.
         m_new = tl.maximum(m_s, tl.max(tl.where(valid, xs, float("-inf")), axis=1))
@@ -369,41 +337,17 @@ def _pr_kl_fwd_kernel(
 
 
 @triton.jit
-def _pr_kl_bwd_kernel(
-    coef_ptr, s_ptr, t_ptr, ns_ptr, nt_ptr, tau_ptr, lse_s_ptr, lse_t_ptr, out_ptr,
-    b0, Cs, Ct, N, W,
-    sB, sC, sH, sW, sN,
-    tB, tC, tH, tW, tN,
-    oB, oC, oH, oW, oN,
-    FUSE: tl.constexpr, SFLAT: tl.constexpr, TFLAT: tl.constexpr, OFLAT: tl.constexpr,
-    RES_S: tl.constexpr, RES_T: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_KS: tl.constexpr, BLOCK_KT: tl.constexpr, BLOCK_CO: tl.constexpr,
-):
-    """dA[b, co, I] = coef sum_J A[co, J] (P_IJ + P_JI^T), P = p_s - p_t; FUSE: then d fs."""
-    ACC: tl.constexpr = lse_s_ptr.dtype.element_ty
-    i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    b = (tl.program_id(2) + b0).to(tl.int64)
-    mask_i = i < N
+def _kl_da(s_base, t_base, lse_s_ptr, lse_t_ptr, b, co, Cs, Ct, N, W, sC, tC, sH, sW, sN,
+           tH, tW, tN, i, oi_s, oi_t, mask_i, a_s, a_t, sc_s, sc_t, unit_s, unit_t, inv_tau,
+           SFLAT: tl.constexpr, TFLAT: tl.constexpr, RES_S: tl.constexpr, RES_T: tl.constexpr,
+           ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+           BLOCK_KS: tl.constexpr, BLOCK_KT: tl.constexpr, BLOCK_CO: tl.constexpr):
+    """[BLOCK_M, BLOCK_CO] sum_J A[co, J] (P_IJ + P_JI^T), P = p_s - p_t (without the coef)."""
+    row = b * N + i
     mask_co = co < Cs
     co_off = (co.to(tl.int64) * sC)[None, :]
-    row = b * N + i
-    inv_tau = 1.0 / tl.load(tau_ptr)  # float64 (see _scores)
-    s_base = s_ptr + b * sB
-    t_base = t_ptr + b * tB
-    oi_s = _pixel_offsets(i, W, sH, sW, sN, SFLAT)
-    oi_t = _pixel_offsets(i, W, tH, tW, tN, TFLAT)
-    nrm_i = tl.load(ns_ptr + row, mask=mask_i, other=1.0)
-    nrm_ti = tl.load(nt_ptr + row, mask=mask_i, other=1.0)
-    sc_s = _inv_norm(nrm_i) * inv_tau
-    sc_t = _inv_norm(nrm_ti) * inv_tau
-    unit_s = nrm_i > _eps_like(nrm_i)
-    unit_t = nrm_ti > _eps_like(nrm_ti)
     lse_si = tl.load(lse_s_ptr + row, mask=mask_i, other=0.0)
     lse_ti = tl.load(lse_t_ptr + row, mask=mask_i, other=0.0)
-    a_s = _resident_block(s_base, Cs, sC, oi_s, mask_i, RES_S, BLOCK_KS)
-    a_t = _resident_block(t_base, Ct, tC, oi_t, mask_i, RES_T, BLOCK_KT)
     acc = tl.zeros([BLOCK_M, BLOCK_CO], dtype=ACC)
     for j0 in range(0, N, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
@@ -411,14 +355,10 @@ def _pr_kl_bwd_kernel(
         col = b * N + j
         oj_s = _pixel_offsets(j, W, sH, sW, sN, SFLAT)
         oj_t = _pixel_offsets(j, W, tH, tW, tN, TFLAT)
-        sc_sj = _inv_norm(tl.load(ns_ptr + col, mask=mask_j, other=1.0))
-        sc_tj = _inv_norm(tl.load(nt_ptr + col, mask=mask_j, other=1.0))
-        xs = _scores(s_base, Cs, sC, i, j, oi_s, oj_s, mask_i, mask_j, a_s,
-                     sc_s, sc_sj, unit_s, inv_tau, RES_S, ACC, BLOCK_M, BLOCK_N,
-                     BLOCK_KS)
-        xt = _scores(t_base, Ct, tC, i, j, oi_t, oj_t, mask_i, mask_j, a_t,
-                     sc_t, sc_tj, unit_t, inv_tau, RES_T, ACC, BLOCK_M, BLOCK_N,
-                     BLOCK_KT)
+        xs, sc_sj = _scores(s_base, Cs, sC, i, j, oi_s, oj_s, mask_i, mask_j, a_s, sc_s, unit_s,
+                            inv_tau, RES_S, ACC, BLOCK_M, BLOCK_N, BLOCK_KS)
+        xt, sc_tj = _scores(t_base, Ct, tC, i, j, oi_t, oj_t, mask_i, mask_j, a_t, sc_t, unit_t,
+                            inv_tau, RES_T, ACC, BLOCK_M, BLOCK_N, BLOCK_KT)
         lse_sj = tl.load(lse_s_ptr + col, mask=mask_j, other=0.0)
         lse_tj = tl.load(lse_t_ptr + col, mask=mask_j, other=0.0)
         # Rows I with the lse of rows I (Gm_IJ) plus, S being symmetric, Gm_JI^T with the lse
@@ -430,121 +370,257 @@ def _pr_kl_bwd_kernel(
         a_j = tl.load(s_base + oj_s[:, None] + co_off,
                       mask=mask_j[:, None] & mask_co[None, :], other=0.0).to(ACC)
         acc = _mm(p, a_j, acc)
-    acc = acc * tl.load(coef_ptr).to(ACC)
-    mask = mask_i[:, None] & mask_co[None, :]
-    if FUSE:
-        raw = tl.load(s_base + oi_s[:, None] + co_off, mask=mask, other=0.0)
-        acc = _pixel_norm_backward(acc, raw, nrm_i)
-    out = out_ptr + b * oB + _pixel_offsets(i, W, oH, oW, oN, OFLAT)[:, None] \
-        + (co.to(tl.int64) * oC)[None, :]
-    tl.store(out, _cast_for(acc, out_ptr), mask=mask)
+    return acc
 
 
 @triton.jit
-def _pr_mse_bwd_kernel(
-    coef_ptr, s_ptr, t_ptr, ns_ptr, nt_ptr, mss_ptr, mst_ptr, out_ptr,
+def _pr_kl_bwd_kernel(
+    grad_ptr, coef_bits, s_ptr, t_ptr, tau_bits, lse_s_ptr, lse_t_ptr, gx_ptr,
     b0, Cs, Ct, N, W,
     sB, sC, sH, sW, sN,
     tB, tC, tH, tW, tN,
-    oB, oC, oH, oW, oN,
-    FUSE: tl.constexpr, SFLAT: tl.constexpr, TFLAT: tl.constexpr, OFLAT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
+    gB, gC, gH, gW, gN,
+    SFLAT: tl.constexpr, TFLAT: tl.constexpr, GFLAT: tl.constexpr,
+    RES_S: tl.constexpr, RES_T: tl.constexpr, TWO_PASS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_KS: tl.constexpr, BLOCK_KT: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
-    """dA^T[b, n, co] = coef (sum_k A[k, n] m_ss[co, k] - sum_k T[k, n] m_st[co, k]) (float64)."""
-    ACC: tl.constexpr = mss_ptr.dtype.element_ty
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    b = (tl.program_id(2) + b0).to(tl.int64)
-    mask_n = n < N
-    mask_co = co < Cs
-    nrm_s = tl.load(ns_ptr + b * N + n, mask=mask_n, other=1.0)
-    inv_s = _inv_norm(nrm_s)
-    inv_t = _inv_norm(tl.load(nt_ptr + b * N + n, mask=mask_n, other=1.0))
+    """d fs[b, :, I] = the pixel-normalisation backward of dA[:, I] = coef g sum_J A_J (P_IJ +
+    P_JI^T), every student channel (in channel blocks, twice, when TWO_PASS)."""
+    ACC: tl.constexpr = lse_s_ptr.dtype.element_ty
+    i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    b = (tl.program_id(1) + b0).to(tl.int64)
+    mask_i = i < N
+    inv_tau = 1.0 / _f64(tau_bits)  # float64 (see _scores)
+    coef = tl.load(grad_ptr).to(ACC) * _f64(coef_bits).to(ACC)  # g tau / (B N)
     s_base = s_ptr + b * sB
     t_base = t_ptr + b * tB
-    os_ = _pixel_offsets(n, W, sH, sW, sN, SFLAT)
-    ot = _pixel_offsets(n, W, tH, tW, tN, TFLAT)
+    oi_s = _pixel_offsets(i, W, sH, sW, sN, SFLAT)
+    oi_t = _pixel_offsets(i, W, tH, tW, tN, TFLAT)
+    oi_g = _pixel_offsets(i, W, gH, gW, gN, GFLAT)
+    a_s, a_t, sc_s, sc_t, unit_s, unit_t, nrm_i = _row_setup(
+        s_base, t_base, Cs, Ct, sC, tC, oi_s, oi_t, mask_i, inv_tau, RES_S, RES_T, BLOCK_M,
+        BLOCK_KS, BLOCK_KT)
+    # A = raw / n in float64 (inv float64): for a single channel A is then +-1 to the last bit
+    # and dA - A <A, dA> vanishes as it should.
+    inv = _inv_norm(nrm_i)
+    # <A_i, dA_i> over every channel: from a first walk over the channel blocks (TWO_PASS), or
+    # from the one block that holds them all, just before its store.
+    dot = tl.zeros([BLOCK_M], dtype=tl.float64)
+    if TWO_PASS:
+        for co0 in range(0, Cs, BLOCK_CO):
+            co = co0 + tl.arange(0, BLOCK_CO)
+            da = coef * _kl_da(s_base, t_base, lse_s_ptr, lse_t_ptr, b, co, Cs, Ct, N, W, sC, tC,
+                               sH, sW, sN, tH, tW, tN, i, oi_s, oi_t, mask_i, a_s, a_t, sc_s,
+                               sc_t, unit_s, unit_t, inv_tau, SFLAT, TFLAT, RES_S, RES_T, ACC,
+                               BLOCK_M, BLOCK_N, BLOCK_KS, BLOCK_KT, BLOCK_CO)
+            dot += _normalized_dot(s_base, oi_s, co, sC, Cs, mask_i, inv, da)
+    for co0 in range(0, Cs, BLOCK_CO):
+        co = co0 + tl.arange(0, BLOCK_CO)
+        da = coef * _kl_da(s_base, t_base, lse_s_ptr, lse_t_ptr, b, co, Cs, Ct, N, W, sC, tC,
+                           sH, sW, sN, tH, tW, tN, i, oi_s, oi_t, mask_i, a_s, a_t, sc_s,
+                           sc_t, unit_s, unit_t, inv_tau, SFLAT, TFLAT, RES_S, RES_T, ACC,
+                           BLOCK_M, BLOCK_N, BLOCK_KS, BLOCK_KT, BLOCK_CO)
+        if not TWO_PASS:
+            dot = _normalized_dot(s_base, oi_s, co, sC, Cs, mask_i, inv, da)
+        gx = _norm_backward_block(s_base, oi_s, co, sC, Cs, mask_i, inv, nrm_i, dot, da)
+        out = gx_ptr + b * gB + oi_g[:, None] + (co.to(tl.int64) * gC)[None, :]
+        tl.store(out, _cast_for(gx, gx_ptr), mask=mask_i[:, None] & (co < Cs)[None, :])
+
+
+@triton.jit
+def _normalized_cols(x_ptr, b, c, C, n, mn, W, xB, xC, xH, xW, xN, FLAT: tl.constexpr):
+    """[len(c), len(n)] float64 tile of pixel-normalised features: rows c of the pixels n, each
+    pixel divided by max(its norm over all C channels, eps) (the norm summed channel by
+    channel)."""
+    base = x_ptr + b * xB
+    off = _pixel_offsets(n, W, xH, xW, xN, FLAT)
+    sq = tl.zeros(n.shape, dtype=tl.float64)
+    row = off  # int64 offsets of channel k, stepped: k * xC may pass 2^31
+    for _k in range(0, C):
+        v = tl.load(base + row, mask=mn, other=0.0).to(tl.float64)
+        sq += v * v
+        row += xC
+    x = tl.load(base + (c.to(tl.int64) * xC)[:, None] + off[None, :],
+                mask=(c < C)[:, None] & mn[None, :], other=0.0).to(tl.float64)
+    return x * _inv_norm(tl.sqrt(sq))[None, :]
+
+
+@triton.jit
+def _pr_gram_kernel(
+    s_ptr, t_ptr, part_ptr,
+    B, b0, Cs, Ct, N, W, chunk, tiles_ss, tiles_st,
+    sB, sC, sH, sW, sN,
+    tB, tC, tH, tW, tN,
+    SFLAT: tl.constexpr, TFLAT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+):
+    """One [BC, BC] tile of m_ss = A A^T, m_st = A T^T or m_tt = T T^T (axis 0: the tiles of
+    the three in that order) over the split's pixels, float64, into part[split, b]: the three
+    Grams packed as Cs * Cs + Cs * Ct + Ct * Ct values per (split, b)."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (tl.program_id(2) + b0).to(tl.int64)
+    start = split * chunk
+    end = tl.minimum(start + chunk, N)
+    # Which Gram: selects rather than branches, so that every name keeps one type (a size the JIT
+    # specialised into a constant would not match a runtime value across the branches).
+    is_ss = pid < tiles_ss
+    is_tt = pid >= tiles_ss + tiles_st
+    tile = pid - tl.where(is_ss, 0, tl.where(is_tt, tiles_ss + tiles_st, tiles_ss))
+    C1 = tl.where(is_tt, Ct, Cs)
+    C2 = tl.where(is_ss, Cs, Ct)
+    cols = tl.cdiv(C2, BC)
+    offset = tl.where(is_ss, 0, tl.where(is_tt, Cs * Cs + Cs * Ct, Cs * Cs))
+    c1 = (tile // cols) * BC + tl.arange(0, BC)
+    c2 = (tile % cols) * BC + tl.arange(0, BC)
+    acc = tl.zeros([BC, BC], dtype=tl.float64)
+    for k0 in range(start, end, BK):
+        n = k0 + tl.arange(0, BK)
+        mn = n < end
+        if is_tt:
+            x = _normalized_cols(t_ptr, b, c1, Ct, n, mn, W, tB, tC, tH, tW, tN, TFLAT)
+        else:
+            x = _normalized_cols(s_ptr, b, c1, Cs, n, mn, W, sB, sC, sH, sW, sN, SFLAT)
+        if is_ss:
+            y = _normalized_cols(s_ptr, b, c2, Cs, n, mn, W, sB, sC, sH, sW, sN, SFLAT)
+        else:
+            y = _normalized_cols(t_ptr, b, c2, Ct, n, mn, W, tB, tC, tH, tW, tN, TFLAT)
+        acc = _mm(x, tl.trans(y), acc)
+    per = Cs * Cs + Cs * Ct + Ct * Ct
+    out = part_ptr + (split * B + b) * per + offset + c1[:, None] * C2 + c2[None, :]
+    tl.store(out, acc, mask=(c1 < C1)[:, None] & (c2 < C2)[None, :])
+
+
+@triton.jit
+def _merged_sq(part_ptr, out_ptr, slot0, stride, offset, size, splits, STORE: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """sum of squares of a Gram merged over its splits (and, STORE, the merged Gram itself)."""
+    total = tl.zeros([BLOCK], dtype=tl.float64)
+    for e0 in range(0, size, BLOCK):
+        e = e0 + tl.arange(0, BLOCK)
+        mask = e < size
+        g = tl.zeros([BLOCK], dtype=tl.float64)
+        slot = slot0 + offset + e  # int64, stepped by stride: split * stride may pass 2^31
+        for _split in range(0, splits):
+            g += tl.load(part_ptr + slot, mask=mask, other=0.0)
+            slot += stride
+        total += g * g
+        if STORE:
+            tl.store(out_ptr + e, g, mask=mask)
+    return tl.sum(total, axis=0)
+
+
+@triton.jit
+def _pr_mse_tail_kernel(part_ptr, mss_ptr, mst_ptr, term_ptr, B, Cs, Ct, splits,
+                        BLOCK: tl.constexpr):
+    """Sample b: m_ss and m_st merged over the splits (kept), term[b] = max(||m_ss||^2 +
+    ||m_tt||^2 - 2 ||m_st||^2, 0) = ||S_s - S_t||^2 up to rounding."""
+    b = tl.program_id(0).to(tl.int64)
+    per = Cs * Cs + Cs * Ct + Ct * Ct
+    slot0 = b * per
+    stride = B * per
+    ss = _merged_sq(part_ptr, mss_ptr + b * Cs * Cs, slot0, stride, 0, Cs * Cs, splits, True,
+                    BLOCK)
+    st = _merged_sq(part_ptr, mst_ptr + b * Cs * Ct, slot0, stride, Cs * Cs, Cs * Ct, splits,
+                    True, BLOCK)
+    tt = _merged_sq(part_ptr, mss_ptr, slot0, stride, Cs * Cs + Cs * Ct, Ct * Ct, splits, False,
+                    BLOCK)
+    total = ss + tt - 2.0 * st
+    tl.store(term_ptr + b, tl.where(total < 0.0, 0.0, total))  # NaN and Inf pass through
+
+
+@triton.jit
+def _mse_da(s_base, t_base, mss_ptr, mst_ptr, b, co, Cs, Ct, n, mask_n, os_, ot, sC, tC,
+            BLOCK_N: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(dA^T [BLOCK_N, BLOCK_CO] = m_ss A - m_st T at pixels n for channels co (without the
+    coefficient), the pixels' student norms), float64, the norms summed on the way."""
+    mask_co = co < Cs
     mss = mss_ptr + (b * Cs + co.to(tl.int64)) * Cs  # rows co of m_ss[b]
     mst = mst_ptr + (b * Cs + co.to(tl.int64)) * Ct  # rows co of m_st[b]
-    acc = tl.zeros([BLOCK_N, BLOCK_CO], dtype=ACC)
+    acc_s = tl.zeros([BLOCK_N, BLOCK_CO], dtype=tl.float64)
+    acc_t = tl.zeros([BLOCK_N, BLOCK_CO], dtype=tl.float64)
+    sq_s = tl.zeros([BLOCK_N], dtype=tl.float64)
+    sq_t = tl.zeros([BLOCK_N], dtype=tl.float64)
     for k0 in range(0, Cs, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         mask_k = k < Cs
         a = tl.load(s_base + os_[:, None] + (k.to(tl.int64) * sC)[None, :],
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(ACC) * inv_s[:, None]
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float64)
+        sq_s += tl.sum(a * a, axis=1)
         m = tl.load(mss[None, :] + k[:, None], mask=mask_k[:, None] & mask_co[None, :], other=0.0)
-        acc = _mm(a, m, acc)
+        acc_s = _mm(a, m, acc_s)
     for k0 in range(0, Ct, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         mask_k = k < Ct
         t = tl.load(t_base + ot[:, None] + (k.to(tl.int64) * tC)[None, :],
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(ACC) * inv_t[:, None]
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float64)
+        sq_t += tl.sum(t * t, axis=1)
         m = tl.load(mst[None, :] + k[:, None], mask=mask_k[:, None] & mask_co[None, :], other=0.0)
-        acc = _mm(t, -m, acc)
-    acc = acc * tl.load(coef_ptr)
-    mask = mask_n[:, None] & mask_co[None, :]
-    if FUSE:
-        raw = tl.load(s_base + os_[:, None] + (co.to(tl.int64) * sC)[None, :], mask=mask,
-                      other=0.0)
-        acc = _pixel_norm_backward(acc, raw, nrm_s)
-    out = out_ptr + b * oB + _pixel_offsets(n, W, oH, oW, oN, OFLAT)[:, None] \
-        + (co.to(tl.int64) * oC)[None, :]
-    tl.store(out, _cast_for(acc, out_ptr), mask=mask)
+        acc_t = _mm(t, m, acc_t)
+    nrm_s = tl.sqrt(sq_s)
+    da = acc_s * _inv_norm(nrm_s)[:, None] - acc_t * _inv_norm(tl.sqrt(sq_t))[:, None]
+    return da, nrm_s
+
+
+@triton.jit
+def _pr_mse_bwd_kernel(
+    grad_ptr, coef_bits, s_ptr, t_ptr, mss_ptr, mst_ptr, gx_ptr,
+    b0, Cs, Ct, N, W,
+    sB, sC, sH, sW, sN,
+    tB, tC, tH, tW, tN,
+    gB, gC, gH, gW, gN,
+    SFLAT: tl.constexpr, TFLAT: tl.constexpr, GFLAT: tl.constexpr, TWO_PASS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """d fs at pixels n: the pixel-normalisation backward of dA = coef g (m_ss A - m_st T), every
+    student channel (in channel blocks, twice, when TWO_PASS); float64."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b = (tl.program_id(1) + b0).to(tl.int64)
+    mask_n = n < N
+    coef = tl.load(grad_ptr).to(tl.float64) * _f64(coef_bits)  # g 4 / (B N^2)
+    s_base = s_ptr + b * sB
+    t_base = t_ptr + b * tB
+    os_ = _pixel_offsets(n, W, sH, sW, sN, SFLAT)
+    ot = _pixel_offsets(n, W, tH, tW, tN, TFLAT)
+    og = _pixel_offsets(n, W, gH, gW, gN, GFLAT)
+    dot = tl.zeros([BLOCK_N], dtype=tl.float64)
+    if TWO_PASS:  # <A_n, dA_n> over every channel first (see _pr_kl_bwd_kernel)
+        for co0 in range(0, Cs, BLOCK_CO):
+            co = co0 + tl.arange(0, BLOCK_CO)
+            da, nrm = _mse_da(s_base, t_base, mss_ptr, mst_ptr, b, co, Cs, Ct, n, mask_n, os_, ot,
+                              sC, tC, BLOCK_N, BLOCK_CO, BLOCK_K)
+            dot += _normalized_dot(s_base, os_, co, sC, Cs, mask_n, _inv_norm(nrm), da * coef)
+    for co0 in range(0, Cs, BLOCK_CO):
+        co = co0 + tl.arange(0, BLOCK_CO)
+        da, nrm = _mse_da(s_base, t_base, mss_ptr, mst_ptr, b, co, Cs, Ct, n, mask_n, os_, ot,
+                          sC, tC, BLOCK_N, BLOCK_CO, BLOCK_K)
+        inv = _inv_norm(nrm)
+        if not TWO_PASS:
+            dot = _normalized_dot(s_base, os_, co, sC, Cs, mask_n, inv, da * coef)
+        gx = _norm_backward_block(s_base, os_, co, sC, Cs, mask_n, inv, nrm, dot, da * coef)
+        out = gx_ptr + b * gB + og[:, None] + (co.to(tl.int64) * gC)[None, :]
+        tl.store(out, _cast_for(gx, gx_ptr), mask=mask_n[:, None] & (co < Cs)[None, :])
 
 
 # --- host side ------------------------------------------------------------------------------
 
 
-def _stream_tile(x: torch.Tensor) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_N) for streaming x: channels contiguous (channels_last) or pixels."""
-    if x.shape[1] > 1 and x.stride(1) == 1:
-        return _TILE_CHANNELS_CONTIGUOUS
-    return _TILE_PIXELS_CONTIGUOUS
-
-
-def _pixel_norms(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, N) L2 norms of x's pixel vectors, accumulated in dtype."""
-    B, C, H, W = x.shape
-    nrm = torch.empty((B, H * W), dtype=dtype, device=x.device)
-    sB, sC, sH, sW, sN, flat = _strides(x)
-    block_c, block_n = _stream_tile(x)
-    for b0, nb in _batch_chunks(B):
-        wrap_triton(_pixel_norm_kernel)[(triton.cdiv(H * W, block_n), nb)](
-            x, nrm, b0, C, H * W, W, sB, sC, sH, sW, sN,
-            FLAT=flat, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=_NUM_WARPS,
-        )
-    return nrm
-
-
-def _finish_norm_backward(da: torch.Tensor, fs: torch.Tensor, nrm: torch.Tensor,
-                          gx: torch.Tensor) -> None:
-    """gx = pixel-normalisation backward of dA (a (B, Cs, H, W) buffer)."""
-    B, C, H, W = fs.shape
-    dB, dC, dH, dW, dN, dflat = _strides(da)
-    sB, sC, sH, sW, sN, flat = _strides(fs)
-    gB, gC, gH, gW, gN, gflat = _strides(gx)
-    block_c, block_n = _stream_tile(fs)
-    for b0, nb in _batch_chunks(B):
-        wrap_triton(_pixel_norm_bwd_kernel)[(triton.cdiv(H * W, block_n), nb)](
-            da, fs, nrm, gx, b0, C, H * W, W,
-            dB, dC, dH, dW, dN, sB, sC, sH, sW, sN, gB, gC, gH, gW, gN,
-            DFLAT=dflat, FLAT=flat, GFLAT=gflat, BLOCK_C=block_c, BLOCK_N=block_n,
-            num_warps=_NUM_WARPS,
-        )
-
-
 def _kl_config(Cs: int, Ct: int, acc: torch.dtype) -> dict:
-    """Tile sizes of the KL kernels for these channel counts and accumulation type."""
+    """Tile sizes of the KL kernels for these channel counts and accumulation type; BLOCK_CO and
+    TWO_PASS for the backward."""
     if acc == torch.float64:
         bm, bn = _KL_BLOCK_FP64
+        block_co = _pow2(Cs, 16, _KL_MAX_BLOCK_CO_FP64)
         return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_KS=_KL_BLOCK_K_FP64, BLOCK_KT=_KL_BLOCK_K_FP64,
-                    RES_S=False, RES_T=False), _pow2(Cs, 16, _KL_MAX_BLOCK_CO_FP64)
+                    RES_S=False, RES_T=False), dict(BLOCK_CO=block_co, TWO_PASS=Cs > block_co)
     bm, bn = _KL_BLOCK
     ks, kt = _pow2(Cs, 16, 1 << 30), _pow2(Ct, 16, 1 << 30)
     res_s, res_t = ks <= _KL_RESIDENT_K, kt <= _KL_RESIDENT_K
-    return dict(BLOCK_M=bm, BLOCK_N=bn,
-                BLOCK_KS=ks if res_s else _KL_BLOCK_K, BLOCK_KT=kt if res_t else _KL_BLOCK_K,
-                RES_S=res_s, RES_T=res_t), _pow2(Cs, 16, _KL_MAX_BLOCK_CO)
+    block_co = _pow2(Cs, 16, _KL_MAX_BLOCK_CO)
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn,
+               BLOCK_KS=ks if res_s else _KL_BLOCK_K, BLOCK_KT=kt if res_t else _KL_BLOCK_K,
+               RES_S=res_s, RES_T=res_t)
+    return cfg, dict(BLOCK_CO=block_co, TWO_PASS=Cs > block_co)
 
 
 def _kl_warps(acc: torch.dtype, backward: int) -> int:
@@ -554,7 +630,6 @@ def _kl_warps(acc: torch.dtype, backward: int) -> int:
 # -- kl --
 
 
-@_define_op("kdkernels::pixel_relation_kl_triton", mutates_args=())
 def _pixel_relation_kl_fwd(
     fs: torch.Tensor, ft: torch.Tensor, tau: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -563,29 +638,23 @@ def _pixel_relation_kl_fwd(
     Ct = ft.shape[1]
     N = H * W
     acc = _acc_dtype(fs)
-    # Pixel norms, hence the tile scales, in float64 (see _scores).
-    ns, nt = _pixel_norms(fs, torch.float64), _pixel_norms(ft, torch.float64)
     lse_s = torch.empty((B, N), dtype=acc, device=fs.device)
     lse_t = torch.empty((B, N), dtype=acc, device=fs.device)
-    term = torch.empty((B, N), dtype=acc, device=fs.device)
+    term = torch.empty((B * N,), dtype=torch.float64, device=fs.device)  # summed in float64
     cfg, _ = _kl_config(Cs, Ct, acc)
     sB, sC, sH, sW, sN, sflat = _strides(fs)
     tB, tC, tH, tW, tN, tflat = _strides(ft)
-    tau64 = _scalar(tau, fs, torch.float64)
     for b0, nb in _batch_chunks(B):
-        wrap_triton(_pr_kl_fwd_kernel)[(triton.cdiv(N, cfg["BLOCK_M"]), nb)](
-            fs, ft, ns, nt, tau64, lse_s, lse_t, term,
+        _launch(_pr_kl_fwd_kernel)[(triton.cdiv(N, cfg["BLOCK_M"]), nb)](
+            fs, ft, _bits(tau), lse_s, lse_t, term,
             b0, Cs, Ct, N, W,
             sB, sC, sH, sW, sN,
             tB, tC, tH, tW, tN,
             SFLAT=sflat, TFLAT=tflat, num_warps=_kl_warps(acc, 0), **cfg,
         )
-    # Fixed-order sum of the per-row terms, in float64 (B * N values: free).
-    loss = term.sum(dtype=torch.float64) * (tau * tau / (B * N))
-    return loss.to(acc), lse_s, lse_t
+    return _finish(term, tau * tau / (B * N), acc), lse_s, lse_t
 
 
-@_define_op("kdkernels::pixel_relation_kl_triton_backward", mutates_args=())
 def _pixel_relation_kl_bwd(
     grad: torch.Tensor, fs: torch.Tensor, ft: torch.Tensor, lse_s: torch.Tensor,
     lse_t: torch.Tensor, tau: float,
@@ -595,35 +664,25 @@ def _pixel_relation_kl_bwd(
     Ct = ft.shape[1]
     N = H * W
     acc = lse_s.dtype
-    lse_s, lse_t = lse_s.contiguous(), lse_t.contiguous()
-    # Pixel norms, hence the tile scales, in float64 (see _scores).
-    ns, nt = _pixel_norms(fs, torch.float64), _pixel_norms(ft, torch.float64)
-    coef = grad.to(acc) * (tau / (B * N))  # d loss / d S_s = coef (p_s - p_t)
     gx = torch.empty_like(fs)
-    cfg, block_co = _kl_config(Cs, Ct, acc)
-    fuse = Cs <= block_co
-    out = gx if fuse else torch.empty((B, Cs, H, W), dtype=acc, device=fs.device)
+    cfg, bwd = _kl_config(Cs, Ct, acc)
+    if bwd["BLOCK_CO"] > 64:  # keep the [BLOCK_N, BLOCK_CO] column tiles in registers
+        cfg = dict(cfg, BLOCK_N=cfg["BLOCK_N"] // 2)
     sB, sC, sH, sW, sN, sflat = _strides(fs)
     tB, tC, tH, tW, tN, tflat = _strides(ft)
-    oB, oC, oH, oW, oN, oflat = _strides(out)
-    tiles = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(Cs, block_co))
-    tau64 = _scalar(tau, fs, torch.float64)
+    gB, gC, gH, gW, gN, gflat = _strides(gx)
     for b0, nb in _batch_chunks(B):
-        wrap_triton(_pr_kl_bwd_kernel)[(*tiles, nb)](
-            coef, fs, ft, ns, nt, tau64, lse_s, lse_t, out,
+        _launch(_pr_kl_bwd_kernel)[(triton.cdiv(N, cfg["BLOCK_M"]), nb)](
+            grad, _bits(tau / (B * N)), fs, ft, _bits(tau), lse_s, lse_t, gx,
             b0, Cs, Ct, N, W,
             sB, sC, sH, sW, sN,
             tB, tC, tH, tW, tN,
-            oB, oC, oH, oW, oN,
-            FUSE=fuse, SFLAT=sflat, TFLAT=tflat, OFLAT=oflat, BLOCK_CO=block_co,
-            num_warps=_kl_warps(acc, 1), **cfg,
+            gB, gC, gH, gW, gN,
+            SFLAT=sflat, TFLAT=tflat, GFLAT=gflat, num_warps=_kl_warps(acc, 1), **cfg, **bwd,
         )
-    if not fuse:
-        _finish_norm_backward(out, fs, ns, gx)
     return gx
 
 
-@_pixel_relation_kl_fwd.register_fake
 def _fake_kl_fwd(fs, ft, tau):
     acc = _acc_dtype(fs)
     B, N = fs.shape[0], fs.shape[2] * fs.shape[3]
@@ -631,51 +690,52 @@ def _fake_kl_fwd(fs, ft, tau):
             fs.new_empty((B, N), dtype=acc))
 
 
-@_pixel_relation_kl_bwd.register_fake
 def _fake_kl_bwd(grad, fs, ft, lse_s, lse_t, tau):
     return torch.empty_like(fs)
 
 
-def _setup_kl(ctx, inputs, output):
-    fs, ft, tau = inputs
-    ctx.save_for_backward(fs, ft, output[1], output[2])
-    ctx.mark_non_differentiable(output[1], output[2])
-    ctx.tau = tau
-
-
-def _backward_kl(ctx, grad_loss, _grad_lse_s, _grad_lse_t):
-    fs, ft, lse_s, lse_t = ctx.saved_tensors
-    grad_fs = torch.ops.kdkernels.pixel_relation_kl_triton_backward(
-        grad_loss, fs, ft, lse_s, lse_t, ctx.tau)
-    return grad_fs, None, None
-
-
-torch.library.register_autograd(
-    "kdkernels::pixel_relation_kl_triton", _backward_kl, setup_context=_setup_kl)
+_pixel_relation_kl = fused_loss("pixel_relation_kl_triton", _pixel_relation_kl_fwd,
+                                _pixel_relation_kl_bwd, _fake_kl_fwd, _fake_kl_bwd,
+                                saved_inputs=(0, 1), const_inputs=(2,))
 
 
 # -- mse --
 
 
-@_define_op("kdkernels::pixel_relation_mse_triton", mutates_args=())
 def _pixel_relation_mse_fwd(
     fs: torch.Tensor, ft: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss in the accumulation dtype, m_ss (B, Cs, Cs), m_st (B, Cs, Ct) in float64)."""
-    B, H, W = fs.shape[0], fs.shape[2], fs.shape[3]
+    B, Cs, H, W = fs.shape
+    Ct = ft.shape[1]
     N = H * W
     f64 = torch.float64
-    ns, nt = _pixel_norms(fs, f64), _pixel_norms(ft, f64)
-    m_ss = _gram(fs, fs, ns, ns, GRAM_PIXEL_NORM, f64)
-    m_st = _gram(fs, ft, ns, nt, GRAM_PIXEL_NORM, f64)
-    m_tt = _gram(ft, ft, nt, nt, GRAM_PIXEL_NORM, f64)
-    total = (m_ss * m_ss).sum() + (m_tt * m_tt).sum() - 2.0 * (m_st * m_st).sum()
-    # ||S_s - S_t||^2 >= 0; the identity's rounding can only leave a tiny negative residue.
-    loss = total.clamp_min(0.0) / (B * N * N)
-    return loss.to(_acc_dtype(fs)), m_ss, m_st
+    max_bc, bk = _GRAM_BLOCK
+    bc = _pow2(max(Cs, Ct), 16, max_bc)
+    tiles_ss = triton.cdiv(Cs, bc) ** 2
+    tiles_st = triton.cdiv(Cs, bc) * triton.cdiv(Ct, bc)
+    tiles = tiles_ss + tiles_st + triton.cdiv(Ct, bc) ** 2
+    split = max(1, min(triton.cdiv(N, bk), _GRAM_TARGET_PROGRAMS // (tiles * B)))
+    chunk = triton.cdiv(triton.cdiv(N, split), bk) * bk
+    splits = triton.cdiv(N, chunk)
+    part = torch.empty((splits, B, Cs * Cs + Cs * Ct + Ct * Ct), dtype=f64, device=fs.device)
+    sB, sC, sH, sW, sN, sflat = _strides(fs)
+    tB, tC, tH, tW, tN, tflat = _strides(ft)
+    for b0, nb in _batch_chunks(B):
+        _launch(_pr_gram_kernel)[(tiles, splits, nb)](
+            fs, ft, part, B, b0, Cs, Ct, N, W, chunk, tiles_ss, tiles_st,
+            sB, sC, sH, sW, sN,
+            tB, tC, tH, tW, tN,
+            SFLAT=sflat, TFLAT=tflat, BC=bc, BK=bk, num_warps=_NUM_WARPS,
+        )
+    m_ss = torch.empty((B, Cs, Cs), dtype=f64, device=fs.device)
+    m_st = torch.empty((B, Cs, Ct), dtype=f64, device=fs.device)
+    term = torch.empty((B,), dtype=f64, device=fs.device)
+    _launch(_pr_mse_tail_kernel)[(B,)](part, m_ss, m_st, term, B, Cs, Ct, splits, BLOCK=1024,
+                                       num_warps=4)
+    return _finish(term, 1.0 / (B * N * N), _acc_dtype(fs)), m_ss, m_st
 
 
-@_define_op("kdkernels::pixel_relation_mse_triton_backward", mutates_args=())
 def _pixel_relation_mse_bwd(
     grad: torch.Tensor, fs: torch.Tensor, ft: torch.Tensor, m_ss: torch.Tensor,
     m_st: torch.Tensor,
@@ -684,60 +744,39 @@ def _pixel_relation_mse_bwd(
     B, Cs, H, W = fs.shape
     Ct = ft.shape[1]
     N = H * W
-    f64 = torch.float64
-    m_ss, m_st = m_ss.to(f64).contiguous(), m_st.to(f64).contiguous()
-    ns, nt = _pixel_norms(fs, f64), _pixel_norms(ft, f64)
-    coef = grad.to(f64) * (4.0 / (B * N * N))
     gx = torch.empty_like(fs)
-    block_n, block_k = _MSE_BWD_BLOCK
     block_co = _pow2(Cs, 16, _MSE_MAX_BLOCK_CO)
-    fuse = Cs <= block_co
-    out = gx if fuse else torch.empty((B, Cs, H, W), dtype=f64, device=fs.device)
+    block_k = _MSE_BWD_BLOCK_K
+    block_n = max(1, _MSE_BWD_ELEMS // (block_co * block_k))
     sB, sC, sH, sW, sN, sflat = _strides(fs)
     tB, tC, tH, tW, tN, tflat = _strides(ft)
-    oB, oC, oH, oW, oN, oflat = _strides(out)
-    tiles = (triton.cdiv(N, block_n), triton.cdiv(Cs, block_co))
+    gB, gC, gH, gW, gN, gflat = _strides(gx)
     for b0, nb in _batch_chunks(B):
-        wrap_triton(_pr_mse_bwd_kernel)[(*tiles, nb)](
-            coef, fs, ft, ns, nt, m_ss, m_st, out,
+        _launch(_pr_mse_bwd_kernel)[(triton.cdiv(N, block_n), nb)](
+            grad, _bits(4.0 / (B * N * N)), fs, ft, m_ss, m_st, gx,
             b0, Cs, Ct, N, W,
             sB, sC, sH, sW, sN,
             tB, tC, tH, tW, tN,
-            oB, oC, oH, oW, oN,
-            FUSE=fuse, SFLAT=sflat, TFLAT=tflat, OFLAT=oflat,
+            gB, gC, gH, gW, gN,
+            SFLAT=sflat, TFLAT=tflat, GFLAT=gflat, TWO_PASS=Cs > block_co,
             BLOCK_N=block_n, BLOCK_CO=block_co, BLOCK_K=block_k, num_warps=_NUM_WARPS,
         )
-    if not fuse:
-        _finish_norm_backward(out, fs, ns, gx)
     return gx
 
 
-@_pixel_relation_mse_fwd.register_fake
 def _fake_mse_fwd(fs, ft):
     B, Cs, Ct = fs.shape[0], fs.shape[1], ft.shape[1]
     return (fs.new_empty((), dtype=_acc_dtype(fs)), fs.new_empty((B, Cs, Cs), dtype=torch.float64),
             fs.new_empty((B, Cs, Ct), dtype=torch.float64))
 
 
-@_pixel_relation_mse_bwd.register_fake
 def _fake_mse_bwd(grad, fs, ft, m_ss, m_st):
     return torch.empty_like(fs)
 
 
-def _setup_mse(ctx, inputs, output):
-    fs, ft = inputs
-    ctx.save_for_backward(fs, ft, output[1], output[2])
-    ctx.mark_non_differentiable(output[1], output[2])
-
-
-def _backward_mse(ctx, grad_loss, _grad_m_ss, _grad_m_st):
-    fs, ft, m_ss, m_st = ctx.saved_tensors
-    grad_fs = torch.ops.kdkernels.pixel_relation_mse_triton_backward(grad_loss, fs, ft, m_ss, m_st)
-    return grad_fs, None
-
-
-torch.library.register_autograd(
-    "kdkernels::pixel_relation_mse_triton", _backward_mse, setup_context=_setup_mse)
+_pixel_relation_mse = fused_loss("pixel_relation_mse_triton", _pixel_relation_mse_fwd,
+                                 _pixel_relation_mse_bwd, _fake_mse_fwd, _fake_mse_bwd,
+                                 saved_inputs=(0, 1), const_inputs=())
 
 
 def pixel_relation(fs: torch.Tensor, ft: torch.Tensor, distance: str, tau: float) -> torch.Tensor:
@@ -749,7 +788,7 @@ def pixel_relation(fs: torch.Tensor, ft: torch.Tensor, distance: str, tau: float
     if (fs.dtype == torch.float64) != (ft.dtype == torch.float64):
         fs, ft = fs.double(), ft.double()
     if distance == "mse":
-        return torch.ops.kdkernels.pixel_relation_mse_triton(fs, ft.detach())[0]
+        return _pixel_relation_mse(fs, ft.detach())
     if distance == "kl":
-        return torch.ops.kdkernels.pixel_relation_kl_triton(fs, ft.detach(), float(tau))[0]
+        return _pixel_relation_kl(fs, ft.detach(), float(tau))
     raise ValueError(f"pixel_relation: unknown distance {distance!r}")

@@ -9,8 +9,8 @@ pairs count twice) and, when the student needs a gradient, the unit gradient of 
 partials are summed in a fixed order afterwards: no atomics, deterministic.
 
 kdkernels::sgm_triton(ps, pt, distance, need_grad) -> (loss, unit) mirrors the C++ op
-kdkernels::sgm; the backward is grad * unit. triton_op on the GPU, custom_op under
-TRITON_INTERPRET=1 (see _common._define_op).
+kdkernels::sgm; the backward is grad * unit. Three kernels per forward + backward: the tiles,
+the fixed-order sum of their partials (_common._finish) and the scale.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from kdkernels.ops import sgm as _ext
-from kdkernels.triton._common import _acc_dtype, _cast_for, _define_op, _scalar
+from kdkernels.triton._common import _acc_dtype, _cast_for, _div, _finish, _launch, fused_loss
 
 __all__ = ["sgm"]
 
@@ -33,8 +32,8 @@ _NUM_WARPS = 4
 
 @triton.jit
 def _sgm_kernel(
-    ps_ptr, pt_ptr, g_ptr, k_ptr, partial_ptr,
-    K, H, npairs,
+    ps_ptr, pt_ptr, g_ptr, partial_ptr,
+    K, H, npairs, n,
     sB, sK, sH, sW,
     tB, tK, tH, tW,
     gB, gK, gH, gW,
@@ -76,7 +75,10 @@ def _sgm_kernel(
     total = tl.sum(tl.sum(f, axis=1), axis=0)
     tl.store(partial_ptr + pid, tl.where(i == j, total, 2.0 * total))
     if NEED_GRAD:
-        k = tl.load(k_ptr)
+        if L1:  # the unit gradient 2 f'(M) / n
+            k = _div(tl.full([], 2.0, ACC), n)
+        else:
+            k = _div(tl.full([], 4.0, ACC), n)
         if L1:
             unit = tl.where(m > 0, k, tl.where(m < 0, -k, 0.0))
         else:
@@ -96,9 +98,8 @@ def _maps_strides(x: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(x.stride())
 
 
-@_define_op("kdkernels::sgm_triton", mutates_args=())
-def _sgm_triton(ps: torch.Tensor, pt: torch.Tensor, distance: str,
-                need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _sgm_forward(ps: torch.Tensor, pt: torch.Tensor, distance: str,
+                 need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, unit): unit = d loss / d ps for a unit upstream gradient (empty unless need_grad)."""
     if distance not in ("mse", "l1"):
         raise ValueError(f"sgm: unknown distance {distance!r}")
@@ -110,25 +111,33 @@ def _sgm_triton(ps: torch.Tensor, pt: torch.Tensor, distance: str,
     npairs = tiles * (tiles + 1) // 2
     n = ps.numel()
     unit = torch.empty_like(ps) if need_grad else ps.new_empty((0,))
-    k = _scalar((2.0 if distance == "l1" else 4.0) / n, ps, acc)
     partial = torch.empty((planes * npairs,), dtype=acc, device=ps.device)
     # Without need_grad the kernel stores no gradient: any output buffer stands in for g_ptr.
     g, g_strides = (unit, _maps_strides(unit)) if need_grad else (partial, (0, 0, 0, 0))
-    wrap_triton(_sgm_kernel)[(planes * npairs,)](
-        ps, pt, g, k, partial,
-        K, H, npairs,
+    _launch(_sgm_kernel)[(planes * npairs,)](
+        ps, pt, g, partial,
+        K, H, npairs, n,
         *_maps_strides(ps), *_maps_strides(pt), *g_strides,
         L1=distance == "l1", NEED_GRAD=need_grad, BLOCK=_BLOCK, num_warps=_NUM_WARPS,
     )
-    return partial.sum() / n, unit
+    return _finish(partial, 1.0 / n), unit
 
 
-_sgm_triton.register_fake(_ext.fake)
-torch.library.register_autograd("kdkernels::sgm_triton", _ext.backward,
-                                setup_context=_ext.setup_context)
+def _sgm_backward(grad: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    if unit.numel() == 0:
+        raise RuntimeError("sgm: the op ran with need_grad=False, so it saved no gradient")
+    return unit * grad
+
+
+def _fake_backward(grad, unit):
+    return torch.empty_like(unit)
+
+
+_sgm = fused_loss("sgm_triton", _sgm_forward, _sgm_backward, _ext.fake, _fake_backward,
+                  saved_inputs=(), const_inputs=())
 
 
 def sgm(ps: torch.Tensor, pt: torch.Tensor, distance: str) -> torch.Tensor:
     """Validated inputs (equal square shapes); returns the loss, autograd to ps."""
     ps, pt = _ext.same_dtype(ps, pt.detach())
-    return torch.ops.kdkernels.sgm_triton(ps, pt, distance, _ext.need_grad(ps))[0]
+    return _sgm(ps, pt, distance, _ext.need_grad(ps))

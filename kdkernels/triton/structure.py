@@ -32,9 +32,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from kdkernels.triton._common import _acc_dtype, _batch_chunks, _cast_for, _define_op, _div
+from kdkernels.triton._common import _acc_dtype, _batch_chunks, _cast_for, _div, _launch, fused_loss
 
 __all__ = ["structure"]
 
@@ -204,7 +203,6 @@ def _tiles(shape, tile) -> int:
     return triton.cdiv(shape[2], tile[0]) * triton.cdiv(shape[3], tile[1])
 
 
-@_define_op("kdkernels::structure_triton", mutates_args=())
 def _structure_fwd(
     logits: torch.Tensor, mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -217,20 +215,19 @@ def _structure_fwd(
     tiles = _tiles(logits.shape, _TILE)
     partial = torch.empty((B * K, tiles, 4), dtype=acc, device=dev)
     for img0, n in _batch_chunks(B * K):
-        wrap_triton(_vsum_kernel)[(_tiles(logits.shape, _TILE_VSUM), n)](
+        _launch(_vsum_kernel)[(_tiles(logits.shape, _TILE_VSUM), n)](
             m, vs, img0, K, H, W, *m.stride(),
             TH=_TILE_VSUM[0], TW=_TILE_VSUM[1], num_warps=_NUM_WARPS)
-        wrap_triton(_structure_fwd_kernel)[(tiles, n)](
+        _launch(_structure_fwd_kernel)[(tiles, n)](
             logits, m, vs, partial, img0, K, H, W, *logits.stride(), *m.stride(),
             TH=_TILE[0], TW=_TILE[1], num_warps=_NUM_WARPS)
     consts = torch.empty((B * K, 3), dtype=acc, device=dev)
     loss = torch.empty((), dtype=acc, device=dev)
-    wrap_triton(_structure_finalize_kernel)[(1,)](
+    _launch(_structure_finalize_kernel)[(1,)](
         partial, consts, loss, B * K, tiles, BI=_FINALIZE[0], BT=_FINALIZE[1], num_warps=4)
     return loss, vs, consts
 
 
-@_define_op("kdkernels::structure_triton_backward", mutates_args=())
 def _structure_bwd(
     grad: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor, vs: torch.Tensor,
     consts: torch.Tensor,
@@ -240,14 +237,13 @@ def _structure_bwd(
     m = _readable(mask)
     B, K, H, W = logits.shape
     for img0, n in _batch_chunks(B * K):
-        wrap_triton(_structure_bwd_kernel)[(_tiles(logits.shape, _TILE), n)](
+        _launch(_structure_bwd_kernel)[(_tiles(logits.shape, _TILE), n)](
             grad, logits, m, vs, consts, gx, img0, K, H, W,
             *logits.stride(), *m.stride(), *gx.stride(),
             TH=_TILE[0], TW=_TILE[1], num_warps=_NUM_WARPS)
     return gx
 
 
-@_structure_fwd.register_fake
 def _fake_fwd(logits, mask):
     B, K, H, W = logits.shape
     acc = _acc_dtype(logits)
@@ -255,24 +251,12 @@ def _fake_fwd(logits, mask):
             logits.new_empty((B * K, 3), dtype=acc))
 
 
-@_structure_bwd.register_fake
 def _fake_bwd(grad, logits, mask, vs, consts):
     return torch.empty_like(logits)
 
 
-def _setup_context(ctx, inputs, output):
-    logits, mask = inputs
-    ctx.save_for_backward(logits, mask, output[1], output[2])
-    ctx.mark_non_differentiable(output[1], output[2])
-
-
-def _backward(ctx, grad_loss, _grad_vs, _grad_consts):
-    logits, mask, vs, consts = ctx.saved_tensors
-    grad = torch.ops.kdkernels.structure_triton_backward(grad_loss, logits, mask, vs, consts)
-    return grad, None
-
-
-torch.library.register_autograd("kdkernels::structure_triton", _backward, setup_context=_setup_context)
+_structure = fused_loss("structure_triton", _structure_fwd, _structure_bwd, _fake_fwd, _fake_bwd,
+                       saved_inputs=(0, 1), const_inputs=())
 
 
 def structure(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -281,4 +265,4 @@ def structure(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     Inputs validated by the caller: logits (B, K, H, W) and a mask of the same shape (floating
     or bool), any strides, on one device.
     """
-    return torch.ops.kdkernels.structure_triton(logits, mask.detach())[0]
+    return _structure(logits, mask.detach())

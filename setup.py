@@ -22,7 +22,8 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # Written beside the built extension: the torch it was compiled against, which kdkernels checks
-# before loading it (an extension built for another torch can load and then crash at first use).
+# before loading it (an extension built for another torch can load and then crash at first use),
+# and the compilers and CUDA targets, which kdkernels.info() reports.
 BUILD_RECORD = "_build.json"
 SKIP_HINT = "or set KDKERNELS_SKIP_EXTENSION=1 to install only the pure-Python (eager PyTorch) backends"
 
@@ -127,10 +128,33 @@ def _extensions():
         extra_link_args=["-fopenmp"],
         py_limited_api=False,
     )
-    return [ext], {"build_ext": _checked_build(BuildExtension, cuda_note)}
+    return [ext], {"build_ext": _checked_build(BuildExtension, cuda_note, with_cuda)}
 
 
-def _checked_build(base, cuda_note: str):
+def _first_line(command: list) -> str:
+    """The first line a tool prints of its version ("" if it does not run)."""
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return next((line.strip() for line in out.splitlines() if line.strip()), "")
+
+
+def _build_facts(with_cuda: bool) -> dict:
+    """What kdkernels.info() reports of the build: compilers and CUDA targets."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    cxx = shlex.split(os.environ.get("CXX", "c++"))
+    facts = {"cxx": _first_line(cxx + ["--version"]), "cuda_kernels": with_cuda}
+    if with_cuda:
+        nvcc = os.path.join(CUDA_HOME, "bin", "nvcc")
+        release = re.search(r"release [\d.]+", subprocess.run(
+            [nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout)
+        facts.update(nvcc=release[0] if release else "", cuda_arch_list=os.environ["TORCH_CUDA_ARCH_LIST"])
+    return facts
+
+
+def _checked_build(base, cuda_note: str, with_cuda: bool):
     """A build_ext that checks the toolchain before compiling and says what to do when it
     cannot build (pip shows a failed build's output, but hides a successful one's warnings)."""
 
@@ -159,9 +183,10 @@ def _checked_build(base, cuda_note: str):
             folders = {os.path.join(self.build_lib, "kdkernels")}
             if self.inplace:
                 folders.add(os.path.dirname(self.get_ext_fullpath("kdkernels._C")))
+            record = {"torch": torch.__version__, **_build_facts(with_cuda)}
             for folder in folders:
                 with open(os.path.join(folder, BUILD_RECORD), "w") as f:
-                    json.dump({"torch": torch.__version__}, f)
+                    json.dump(record, f)
 
     return BuildExt.with_options(use_ninja=True)
 
@@ -172,9 +197,10 @@ setup(
     name="kdkernels",
     version="0.1.0",
     description="Fused Triton, CUDA and C++ kernels for knowledge-distillation losses in medical imaging",
-    # models/ (reference networks and the training script, `python -m models.train`) ships beside
-    # the library; its own dependencies are the "models" extra.
-    packages=find_packages(include=["kdkernels", "kdkernels.*", "models", "models.*"]),
+    # The wheel holds kdkernels alone: a top-level `models` would shadow (or be shadowed by) the
+    # package of that name in users' own projects. models/ (the reference networks and
+    # `python -m models.train`) runs from a checkout; its dependencies are the "models" extra.
+    packages=find_packages(include=["kdkernels", "kdkernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy"],
     extras_require={"triton": ["triton"], "test": ["pytest", "hypothesis", "pytest-benchmark"],

@@ -195,7 +195,7 @@ def main(argv=None) -> int:
         modes = MODES
     settings = run_settings(args, device, modes)
     rows, skipped = [], []
-    signal.signal(signal.SIGTERM, _interrupt)  # `timeout` (a device lease running out) sends SIGTERM
+    signal.signal(signal.SIGTERM, _interrupt)  # `timeout` stops a run with SIGTERM: keep what finished
     try:
         bench_rows(args, device, case_list, settings, rows, skipped)
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ Timing is opt-in, as pytest-benchmark users set it up when benchmarks sit beside
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from bench import cases as case_table
@@ -22,10 +23,30 @@ def pytest_addoption(parser):
                     help="this dtype only (default: those of python -m bench)")
 
 
+MISSING_PLUGIN = "pytest-benchmark is not installed: pip install pytest-benchmark (or pip install -e .[test])"
+
+
+def _has_plugin(config) -> bool:
+    return config.pluginmanager.hasplugin("benchmark")
+
+
 def pytest_configure(config):
     # Runs before pytest-benchmark's own pytest_configure (trylast), which reads these options.
+    if not _has_plugin(config):
+        return
     if not (config.getoption("benchmark_only") or config.getoption("benchmark_enable")):
         config.option.benchmark_disable = True
+
+
+def pytest_report_header(config):
+    return None if _has_plugin(config) else f"kdkernels bench: skipped, {MISSING_PLUGIN}"
+
+
+def pytest_collection_modifyitems(config, items):
+    if not _has_plugin(config):
+        skip = pytest.mark.skip(reason=MISSING_PLUGIN)
+        for item in items:
+            item.add_marker(skip)
 
 
 def pytest_generate_tests(metafunc):

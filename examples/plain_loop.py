@@ -20,14 +20,19 @@ Run:  python examples/plain_loop.py [--backend auto|torch|cpu|cuda|triton] [--st
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import kdkernels as kdk
-from models.engine import to_input
-from models.synthetic import polyp_set
+
+# models/ (the synthetic data) lives in the kdkernels checkout beside examples/, not in the wheel.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from models.engine import to_input  # noqa: E402
+from models.synthetic import polyp_set  # noqa: E402
 
 BACKENDS = ["auto", *kdk.backends()]  # auto, torch, triton, cuda, cpu
 # An AT term is a mean over N pixels of squared differences of unit-norm maps, O(1/N): this is

@@ -5,11 +5,14 @@
 
 Every loss takes the student first (it receives the gradient) and the teacher second (a target),
 plus `backend="auto" | "torch" | "triton" | "cuda" | "cpu"`. `kdk.backends()` reports what this
-installation can run and why not; `kdk.reference` holds the eager PyTorch ground truth.
+installation can run and why not; `kdk.reference` holds the eager PyTorch ground truth;
+`kdk.info()` (or `python -m kdkernels`) reports versions, build and backends and checks every
+fused backend against the reference.
 """
 
 from kdkernels import losses, reference
 from kdkernels._dispatch import backends
+from kdkernels._info import info
 from kdkernels.functional import (
     attention_transfer_loss,
     channel_relation_loss,
@@ -33,6 +36,7 @@ __all__ = [
     "channel_wise_kl_loss",
     "structure_loss",
     "backends",
+    "info",
     "reference",
     "losses",
 ]

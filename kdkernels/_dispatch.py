@@ -27,6 +27,9 @@ ENV_VAR = "KDKERNELS_BACKEND"
 PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 _IMPLS: dict[str, dict[str, Callable]] = {}
+# (op, backend as asked, KDKERNELS_BACKEND, device type) -> implementation, for the calls that
+# resolved without an error (errors are raised again on every call); cleared by register().
+_RESOLVED: dict[tuple, Callable] = {}
 
 
 REBUILD = "rebuild it against this torch: pip install --no-build-isolation -e . (in the kdkernels source)"
@@ -135,6 +138,7 @@ def register(op: str, backend: str):
     """Decorator: `fn` implements public op `op` on `backend` (same arguments, validated)."""
     def wrap(fn: Callable) -> Callable:
         _IMPLS.setdefault(op, {})[backend] = fn
+        _RESOLVED.clear()
         return fn
     return wrap
 
@@ -172,11 +176,6 @@ def _env_backend() -> str:
         return os.environ.get(ENV_VAR, "")
     raw = _ENVIRON.get(_ENV_KEY)
     return "" if raw is None else os.environ.decodevalue(raw)
-
-
-# (op, backend as asked, KDKERNELS_BACKEND, device type) -> implementation, for the calls that
-# resolved without an error; errors are raised again on every call.
-_RESOLVED: dict[tuple, Callable] = {}
 
 
 def resolve(op: str, backend: str, device: torch.device) -> Callable:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Unpacks the benchmark peers (pure-Python packages: Liger-Kernel) into .peers/, which bench/peers.py
-# puts on sys.path. For machines where nothing can be installed (the lent GPU machines): run this
+# puts on sys.path. For machines where nothing can be installed (a locked-down GPU host): run this
 # where the package registry is reachable and carry .peers/ along with the working tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."

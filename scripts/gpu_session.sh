@@ -31,7 +31,7 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-gpu-session}
 LOGS=gpu-session-logs
 mkdir -p "$OUT" "$LOGS"
-touch "$LOGS/started"  # records newer than this are this session's
+touch "$LOGS/started"  # records newer than this are this run's
 START=$SECONDS
 
 pack() {

@@ -130,7 +130,7 @@ def main() -> int:
               "clean": all(r["clean"] for r in runs), "runs": runs}
     RECORDS.mkdir(exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    # The tools in the name: a session runs them side by side, each its own process and record.
+    # The tools in the name: scripts/gpu_session.sh runs them side by side, each its own process and record.
     path = RECORDS / f"{now:%Y%m%dT%H%M%SZ}-{slug}-{'-'.join(tools)}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"sanitize: {'clean' if record['clean'] else 'ERRORS'}; record {path.relative_to(ROOT)}")

@@ -63,6 +63,7 @@ def test_op_without_fused_backend_says_so(monkeypatch):
     if not fused:
         pytest.skip("no fused backend is available here")
     monkeypatch.delitem(_dispatch._IMPLS["sgm_loss"], fused[0], raising=False)
+    monkeypatch.setattr(_dispatch, "_RESOLVED", {})  # forget what earlier calls resolved
     ps, pt = _inputs("sgm_loss")
     with pytest.raises(RuntimeError, match=rf"no fused '{fused[0]}' implementation of this op yet"):
         kdk.sgm_loss(ps, pt, backend=fused[0])

@@ -72,3 +72,32 @@ def test_pytest_collects_the_bench_cases():
                 for d in harness.default_dtypes(device) for b in backend_labels(c, device)
                 for m in MODES]
     assert ids == expected
+
+
+def test_bench_without_pytest_benchmark_skips_with_one_clear_reason():
+    """Without the plugin (-p no:benchmark stands in for it not being installed) pytest bench/
+    skips every case and says how to install it, instead of an INTERNALERROR."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "bench", "-q", "-rs", "-p", "no:benchmark",
+                          "-p", "no:cacheprovider", "-k", "sgm_loss and float32 and fwd"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "INTERNALERROR" not in out.stdout + out.stderr
+    assert "skipped" in out.stdout and "passed" not in out.stdout
+    assert "pip install pytest-benchmark" in out.stdout
+
+
+def test_overhead_counts_kernels_and_times_the_host(tmp_path):
+    """python -m bench --overhead writes a record with a row per (op, backend); the cpu rows
+    are timed beside F.mse_loss, and every row's kernels are counted (at least one)."""
+    assert main(["--overhead", "--device", "cpu", "--ops", "sgm_loss,pixel_kl_loss",
+                 "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*-overhead.json")
+    record = json.loads(path.read_text())
+    rows = {(r["op"], r["backend"]): r for r in record["overhead"]}
+    assert {op for op, _ in rows} == {"sgm_loss", "pixel_kl_loss"}
+    assert all(r["kernels"] >= 1 for r in rows.values())
+    if kdk.backends()["cpu"]["available"]:
+        cpu = rows["sgm_loss", "cpu"]
+        assert cpu["host_us"] > 0 and cpu["mse_us"] > 0 and cpu["ratio_to_mse"] > 0
+        assert cpu["kernel_names"][0] == "kdkernels::sgm"
+    assert record["settings"]["threads"] == 1 and "loadavg_1_5_15min" in record["settings"]

@@ -7,6 +7,7 @@ stops before or at the first compile), and a copy of the package imports a broke
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -156,3 +157,23 @@ def test_extension_never_built_is_quiet(tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stderr == ""
     assert "KDKERNELS_SKIP_EXTENSION=1" in run.stdout
+
+
+def test_wheel_ships_kdkernels_alone(tmp_path):
+    """The packages setup.py hands to setuptools (what a wheel installs): kdkernels and its
+    subpackages, no other top-level name (a stray `models` would shadow users' own package)."""
+    probe = textwrap.dedent("""
+        import json, sys, setuptools
+        captured = {}
+        setuptools.setup = lambda **kw: captured.update(kw)
+        sys.argv = ["setup.py", "--name"]
+        code = compile(open("setup.py").read(), "setup.py", "exec")
+        exec(code, {"__name__": "__main__", "__file__": "setup.py"})
+        print(json.dumps(captured["packages"]))
+    """)
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
+                         env=_env(KDKERNELS_SKIP_EXTENSION="1"), timeout=120)
+    assert out.returncode == 0, out.stderr
+    packages = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "kdkernels" in packages and "kdkernels.triton" in packages
+    assert {p.split(".")[0] for p in packages} == {"kdkernels"}, packages

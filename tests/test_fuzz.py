@@ -12,7 +12,7 @@ student sits on the teacher and the loss is nearly zero, which is where cancella
 The teacher never receives a gradient.
 
 Profiles (tests/conftest.py): "ci" (default, derandomized: the same examples every run) and "long"
-(`pytest tests/test_fuzz.py --hypothesis-profile long`) for GPU sessions and releases. The examples
+(`pytest tests/test_fuzz.py --hypothesis-profile long`) for GPU machines and releases. The examples
 drawn per test: `--hypothesis-show-statistics`.
 """
 

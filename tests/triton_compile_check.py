@@ -2,7 +2,7 @@
 
 The interpreter (TRITON_INTERPRET=1, how the suite runs Triton here) never compiles a kernel, so a
 kernel that the compiler rejects passes every CPU test and fails on the first GPU. Three such
-failures reached the first GPU session: a float64 loop-carried tl.sum that Triton 3.6 rejects on
+failures were first seen on a GPU: a float64 loop-carried tl.sum that Triton 3.6 rejects on
 sm_90, an int argument equal to 1 (which Triton specializes into a constexpr) used as a tensor,
 and float arguments typed float64 by torch.compile. So the suite records each distinct launch
 (conftest.py, when KDK_TRITON_LAUNCHES names a file) and this script compiles them for sm_90 with

@@ -30,7 +30,7 @@ def pytest_report_header(config):
 
 
 # Hypothesis profiles for tests/test_fuzz.py. "ci" (the default) replays the same examples every
-# run; "long" (`--hypothesis-profile long`) draws fresh ones, many more, for GPU sessions and releases.
+# run; "long" (`--hypothesis-profile long`) draws fresh ones, many more, for GPU runs and releases.
 settings.register_profile("ci", max_examples=60, derandomize=True, database=None, deadline=None,
                           print_blob=True, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.data_too_large])

@@ -1,4 +1,4 @@
-"""tests/sanitize.py (the compute-sanitizer runner of GPU sessions): its reading of the
+"""tests/sanitize.py (the compute-sanitizer runner of scripts/gpu_session.sh): its reading of the
 sanitizer's summaries, and its clean skip where there is no GPU."""
 
 from __future__ import annotations

@@ -145,14 +145,6 @@ def tiny_inputs(op: str, device, dtype=torch.float32, seed: int = 0) -> tuple:
     return s.to(device, dtype).requires_grad_(True), t.to(device, dtype)
 
 
-def fused_backends(op: str, device: torch.device) -> list[str]:
-    """The available backends other than "torch" that run `op` on `device` (the Triton
-    interpreter included: its kernels are counted, not timed)."""
-    return [name for name, st in kdk.backends().items()
-            if name != "torch" and st["available"] and op in st["ops"]
-            and kdk._dispatch._runs_on(name, device)]
-
-
 def fwd_bwd(op: str, backend: str, student, teacher, **kwargs):
     """fwd + bwd of the public call, the gradient through autograd.grad with a ready upstream
     gradient: the seed of a backward is the caller's, not a kernel of the loss."""
@@ -202,7 +194,8 @@ def overhead_rows(device: torch.device, backends=None, ops=None) -> list[dict]:
     try:
         baseline = _mse_step(device, torch.float32)
         for op in ops or known_ops():
-            for backend in ["torch", *fused_backends(op, device)]:
+            # The Triton interpreter included: its kernels are counted, not timed.
+            for backend in ["torch", *kdk._dispatch.runnable(op, device)]:
                 if backends and backend not in backends:
                     continue
                 s, t = tiny_inputs(op, device)

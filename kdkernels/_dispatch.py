@@ -178,6 +178,13 @@ def _env_backend() -> str:
     return "" if raw is None else os.environ.decodevalue(raw)
 
 
+def runnable(op: str, device: torch.device) -> list[str]:
+    """The available fused backends (all but "torch") that implement `op` and run on tensors on
+    `device`: Triton on CPU tensors only in the interpreter."""
+    return [name for name in BACKENDS if name != "torch" and _STATUS[name]["available"]
+            and name in _IMPLS.get(op, {}) and _runs_on(name, device)]
+
+
 def resolve(op: str, backend: str, device: torch.device) -> Callable:
     """The implementation of `op` for `backend` ("auto" or a name) on tensors on `device`."""
     env = _env_backend() if backend == "auto" else ""

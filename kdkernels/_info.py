@@ -63,15 +63,9 @@ def _devices() -> list[str]:
 
 def _targets() -> list[tuple[str, str, str]]:
     """(op, backend, device) for every available fused backend and the devices it runs on."""
-    out = []
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    status = _dispatch.backends()
-    for op, *_ in CHECKS:
-        for name, st in status.items():
-            if name == "torch" or not st["available"] or op not in st["ops"]:
-                continue
-            out += [(op, name, d) for d in devices if _dispatch._runs_on(name, torch.device(d))]
-    return out
+    return [(op, name, d) for op, *_ in CHECKS for d in devices
+            for name in _dispatch.runnable(op, torch.device(d))]
 
 
 def _rel_err(value: torch.Tensor, truth: torch.Tensor) -> float:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-import kdkernels
 from kdkernels import _dispatch
 
 LAYOUTS = ("contiguous", "channels_last", "strided")
@@ -24,16 +23,9 @@ def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def fused_backends(op: str, device: str) -> list[str]:
-    """The fused backends that implement `op` and can run on `device` in this build."""
-    names = []
-    for name, status in kdkernels.backends().items():
-        if name == "torch" or not status["available"] or op not in status["ops"]:
-            continue
-        # Triton takes CPU tensors only in its interpreter (not on a GPU machine's test run).
-        if not _dispatch._runs_on(name, torch.device(device)):
-            continue
-        names.append(name)
-    return names
+    """The fused backends that implement `op` and can run on `device` in this build (Triton
+    takes CPU tensors only in its interpreter, not on a GPU machine's test run)."""
+    return _dispatch.runnable(op, torch.device(device))
 
 
 def devices() -> list[str]:

@@ -341,10 +341,11 @@ double map_kl_small(const at::Tensor& ps_map, const at::Tensor& pt_map, at::Tens
   T* p = da + hw;
   T* ds = p + hh;
   auto load = [&](const at::Tensor& m, T* out) {
+    const int64_t sh = m.stride(0), sw = m.stride(1);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "kdk_la_load", [&] {
       const scalar_t* src = m.data_ptr<scalar_t>();
       for (int64_t i = 0; i < H; ++i)
-        for (int64_t j = 0; j < W; ++j) out[i * W + j] = static_cast<T>(src[i * m.stride(0) + j * m.stride(1)]);
+        for (int64_t j = 0; j < W; ++j) out[i * W + j] = static_cast<T>(src[i * sh + j * sw]);
     });
   };
   // P = softmax_rows(X X^T * scale), A = P X (P left in p).
@@ -372,11 +373,11 @@ double map_kl_small(const at::Tensor& ps_map, const at::Tensor& pt_map, at::Tens
   symmetrize_and_transpose(ds, p, H);
   rel::small_gemm<T>(p, H, 1, da, W, 1, as, W, H, H, W);  // P^T dA, into A_s's buffer
   rel::small_gemm<T>(ds, H, 1, xs, W, 1, as, W, H, H, W, scale, true);
+  const int64_t gh = g_out.stride(0), gw = g_out.stride(1);
   AT_DISPATCH_FLOATING_TYPES(g_out.scalar_type(), "kdk_la_store", [&] {
     scalar_t* g = g_out.data_ptr<scalar_t>();
     for (int64_t i = 0; i < H; ++i)
-      for (int64_t j = 0; j < W; ++j)
-        g[i * g_out.stride(0) + j * g_out.stride(1)] = static_cast<scalar_t>(as[i * W + j]);
+      for (int64_t j = 0; j < W; ++j) g[i * gh + j * gw] = static_cast<scalar_t>(as[i * W + j]);
   });
   return k.kl;
 }

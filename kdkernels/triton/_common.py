@@ -173,7 +173,7 @@ def _bits(value: float) -> int:
     """A float parameter as the int64 bit pattern of its float64 value, for _f64 in a kernel:
     Triton passes a Python float as float32 (too coarse for float64 inputs), and a device tensor
     would cost a fill kernel per call. Positive normal floats have patterns >= 2^52, which Triton
-    types as int64 (declare the argument in do_not_specialize: its low bits vary)."""
+    types as int64 (whether the pattern divides by 16 is all it specialises on: two variants)."""
     return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
@@ -214,33 +214,39 @@ def _finish(partial: torch.Tensor, mul: float, dtype=None) -> torch.Tensor:
 
 
 @triton.jit
-def _scale_kernel(x_ptr, out_ptr, n, g_ptr, f_ptr, HAS_F: tl.constexpr, BLOCK: tl.constexpr):
-    """out = x * g (* f): a unit gradient scaled by the upstream gradient g (and a factor f that
-    the forward left on the device), flat over dense storage, in float32 or float64."""
+def _scale_kernel(x_ptr, out_ptr, n, g_ptr, f_ptr, BLOCK: tl.constexpr):
+    """out = x * g * f: a unit gradient scaled by the upstream gradient g and a factor f that the
+    forward left on the device, flat over dense storage, in float32 or float64."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     if x_ptr.dtype.element_ty.is_fp64():
         x = tl.load(x_ptr + i, mask=i < n, other=0.0)
     else:
         x = tl.load(x_ptr + i, mask=i < n, other=0.0).to(tl.float32)
-    k = tl.load(g_ptr).to(x.dtype)
-    if HAS_F:
-        k = k * tl.load(f_ptr).to(x.dtype)
+    k = tl.load(g_ptr).to(x.dtype) * tl.load(f_ptr).to(x.dtype)
     tl.store(out_ptr + i, _cast_for(x * k, out_ptr), mask=i < n)
 
 
 _SCALE_BLOCK = 1024
 
 
-def _scaled(unit: torch.Tensor, grad: torch.Tensor, factor=None, dtype=None) -> torch.Tensor:
-    """unit * grad (* factor) in `dtype` (default unit's), with unit's strides: one kernel.
+def _scaled(unit: torch.Tensor, grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """unit * grad * factor (0-dim device tensors) with unit's dtype and strides: one kernel.
     unit must be dense (non-overlapping, no gaps: a fresh empty_like is), so that its storage is
     walked flat."""
-    out = torch.empty_like(unit, dtype=dtype or unit.dtype)
+    out = torch.empty_like(unit)
     n = unit.numel()
     _launch(_scale_kernel)[(triton.cdiv(n, _SCALE_BLOCK),)](
-        unit, out, n, grad, grad if factor is None else factor,
-        HAS_F=factor is not None, BLOCK=_SCALE_BLOCK, num_warps=4)
+        unit, out, n, grad, factor, BLOCK=_SCALE_BLOCK, num_warps=4)
     return out
+
+
+def _split_k(n: int, step: int, blocks: int, target: int) -> tuple[int, int]:
+    """(splits, chunk): n cut into chunks of a multiple of `step` so that blocks * splits is
+    about `target` programs (at least one split, at most one per step). A fixed target, not the
+    SM count, keeps the summation order, hence the bits, the same on every device."""
+    splits = max(1, min(triton.cdiv(n, step), target // max(blocks, 1)))
+    chunk = triton.cdiv(triton.cdiv(n, splits), step) * step
+    return triton.cdiv(n, chunk), chunk
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:

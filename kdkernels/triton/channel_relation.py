@@ -50,6 +50,7 @@ from kdkernels.triton._common import (
     _mm,
     _pixel_offsets,
     _pow2,
+    _split_k,
     _strides,
     fused_loss,
 )
@@ -58,8 +59,7 @@ __all__ = ["channel_relation"]
 
 # Gram tiles: [BC, BC] outputs (BC = C rounded up to a power of two, 16 .. 32), BK pixels per
 # step, float64 FMA broadcast products (32 x 8 x 32 per step); splits of N so that about
-# _GRAM_TARGET_PROGRAMS programs run. A fixed target (not the SM count) keeps the summation
-# order, hence the bits, device-independent.
+# _GRAM_TARGET_PROGRAMS programs run (_common._split_k).
 _GRAM_BLOCK = (32, 8)  # (max BC, BK)
 _GRAM_WARPS = 4
 _GRAM_TARGET_PROGRAMS = 512
@@ -354,9 +354,7 @@ def _gram_splits(B: int, C: int, N: int) -> tuple[int, int, int, int]:
     max_bc, bk = _GRAM_BLOCK
     bc = _pow2(C, 16, max_bc)
     tiles = triton.cdiv(C, bc) ** 2
-    split = max(1, min(triton.cdiv(N, bk), _GRAM_TARGET_PROGRAMS // (2 * tiles * B)))
-    chunk = triton.cdiv(triton.cdiv(N, split), bk) * bk
-    return bc, tiles, triton.cdiv(N, chunk), chunk
+    return (bc, tiles) + _split_k(N, bk, 2 * tiles * B, _GRAM_TARGET_PROGRAMS)
 
 
 def _channel_relation_fwd(

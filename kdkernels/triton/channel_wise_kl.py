@@ -48,6 +48,7 @@ from kdkernels.triton._common import (
     _launch,
     _log1p_minus_x,
     _pixel_offsets,
+    _split_k,
     _strides,
     fused_loss,
 )
@@ -290,9 +291,7 @@ def _channel_wise_kl_forward(
     acc = _acc_dtype(fs)
     block_c, block_n, warps = _TILES[(_channels_inner(fs, ft), acc == torch.float64)]
     row_blocks = triton.cdiv(C, block_c) * B
-    splits = max(1, min(triton.cdiv(N, block_n), _TARGET_PROGRAMS // row_blocks))
-    chunk = triton.cdiv(triton.cdiv(N, splits), block_n) * block_n
-    splits = triton.cdiv(N, chunk)
+    splits, chunk = _split_k(N, block_n, row_blocks, _TARGET_PROGRAMS)
     part = torch.empty((splits, B, C, 8), dtype=acc, device=fs.device)
     inv_tau = _bits(1.0 / tau)
     sB, sC, sH, sW, sN, sflat = _strides(fs)

@@ -72,6 +72,7 @@ from kdkernels.triton._common import (
     _mm,
     _pixel_offsets,
     _pow2,
+    _split_k,
     _strides,
     fused_loss,
 )
@@ -715,9 +716,7 @@ def _pixel_relation_mse_fwd(
     tiles_ss = triton.cdiv(Cs, bc) ** 2
     tiles_st = triton.cdiv(Cs, bc) * triton.cdiv(Ct, bc)
     tiles = tiles_ss + tiles_st + triton.cdiv(Ct, bc) ** 2
-    split = max(1, min(triton.cdiv(N, bk), _GRAM_TARGET_PROGRAMS // (tiles * B)))
-    chunk = triton.cdiv(triton.cdiv(N, split), bk) * bk
-    splits = triton.cdiv(N, chunk)
+    splits, chunk = _split_k(N, bk, tiles * B, _GRAM_TARGET_PROGRAMS)
     part = torch.empty((splits, B, Cs * Cs + Cs * Ct + Ct * Ct), dtype=f64, device=fs.device)
     sB, sC, sH, sW, sN, sflat = _strides(fs)
     tB, tC, tH, tW, tN, tflat = _strides(ft)

@@ -9,6 +9,7 @@
 // op's backward operator. Gradients are not materialised: an unused loss costs nothing.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -51,6 +52,11 @@ void prepare(AutogradContext* ctx, const at::Tensor& aux1, const at::Tensor& aux
 // the upstream gradient, written in the student's dtype (the unit may be in the accumulation
 // dtype) with the unit's memory format.
 
+bool plain_cpu(const at::Tensor& t) {
+  return t.is_cpu() && !t.key_set().has_any(c10::DispatchKeySet(
+                           {c10::DispatchKey::Python, c10::DispatchKey::Functionalize, c10::DispatchKey::PythonTLSSnapshot}));
+}
+
 variable_list unit_backward(AutogradContext* ctx, const variable_list& grads, size_t n_inputs, const char* op) {
   variable_list out(n_inputs);
   if (!grads[0].defined()) return out;
@@ -58,6 +64,15 @@ variable_list unit_backward(AutogradContext* ctx, const variable_list& grads, si
               " ran with need_grad=False, so it kept no gradient; call it with need_grad=True to differentiate it");
   const at::Tensor unit = ctx->get_saved_variables()[0];
   const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
+  // On the CPU a unit upstream gradient (loss.backward()) is read for free and the unit gradient
+  // is the answer: no pass over it. (Autograd copies it before accumulating in place, since the
+  // saved variable still refers to it.) On CUDA reading it would synchronise the host; under
+  // tracing (fake or functional tensors, a dispatch mode) it would be a data-dependent read.
+  if (unit.scalar_type() == dtype && plain_cpu(unit) && plain_cpu(grads[0]) && grads[0].numel() == 1 &&
+      !c10::impl::TorchDispatchModeTLS::any_modes_set() && grads[0].item<double>() == 1.0) {
+    out[0] = unit;
+    return out;
+  }
   at::Tensor grad = at::empty_like(unit, unit.options().dtype(dtype));
   out[0] = at::mul_out(grad, unit, grads[0]);
   return out;

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import kdkernels as kdk
+from cuda_emulation import runner as emulation
 from helpers import assert_close_rel, fused_backends, op_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -104,9 +105,23 @@ def test_pixel_kl_masked_kernels_per_call(backend):
     assert counted["syncs"] == len(host_check), counted["names"]
 
 
-# The CUDA C++ relation ops still run their normalisation and C x C steps as ATen calls
-# (docs/README.md, "Kernels per call"): counted in the bench record, not held to the bound here.
-CUDA_BOUNDED = ("attention_transfer_loss", "sgm_loss", "pixel_kl_loss")
+CUDA_BOUNDED = ("attention_transfer_loss", "sgm_loss", "pixel_kl_loss", "channel_relation_loss",
+                "pixel_relation_loss")
+CUDA_ROUTES = [r for r in ROUTES if r[0] in CUDA_BOUNDED]
+
+
+@pytest.mark.skipif(not emulation.available(), reason="the CUDA emulation does not build here")
+@pytest.mark.parametrize("route", CUDA_ROUTES, ids=[IDS[ROUTES.index(r)] for r in CUDA_ROUTES])
+def test_cuda_kernels_emulated(route):
+    """The CUDA C++ kernels, run through their CPU emulation (tests/cuda_emulation): the
+    launches of one forward + backward (the glue around them launches nothing else; a
+    pixel_kl_loss mask adds its count, test_pixel_kl_masked_kernels_per_call)."""
+    op, s_shape, t_shape, kw = route
+    student, teacher = op_inputs(op, s_shape, t_shape or s_shape, "cpu", seed=len(IDS))
+    student.requires_grad_(True)
+    before = emulation.launches()
+    torch.autograd.grad(emulation.loss_fn(op)(student, teacher, **kw), student)
+    assert 0 < emulation.launches() - before <= MAX_KERNELS
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (the CUDA C++ kernels)")

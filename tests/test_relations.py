@@ -1,5 +1,8 @@
 """Fused channel and pixel relation (every backend this build has) against kdkernels.reference.
 
+The CUDA C++ kernels also run here without a GPU, through a CPU emulation of their thread and
+block model (tests/cuda_emulation): the pseudo-backend "cuda-emu" on CPU tensors.
+
 Comparisons are against the float64 reference on the very same values. Where the eager float32
 reference is itself inaccurate (the KL distances, students close to the teacher), the bar is the
 larger of a relative tolerance and twice eager float32's own error against float64.
@@ -11,11 +14,14 @@ import pytest
 import torch
 
 import kdkernels as kdk
+from cuda_emulation import runner as emulation
 from helpers import LAYOUTS, devices, fused_backends, loss_and_grad, make_layout, random_pair
 
 CR, PR = "channel_relation_loss", "pixel_relation_loss"
-CR_TARGETS = [(b, d) for d in devices() for b in fused_backends(CR, d)]
-PR_TARGETS = [(b, d) for d in devices() for b in fused_backends(PR, d)]
+EMU = "cuda-emu"
+EMULATED = [(EMU, "cpu")] if emulation.available() else []
+CR_TARGETS = [(b, d) for d in devices() for b in fused_backends(CR, d)] + EMULATED
+PR_TARGETS = [(b, d) for d in devices() for b in fused_backends(PR, d)] + EMULATED
 CR_IDS = [f"{b}-{d}" for b, d in CR_TARGETS]
 PR_IDS = [f"{b}-{d}" for b, d in PR_TARGETS]
 HAS_CPU = "cpu" in fused_backends(CR, "cpu") and "cpu" in fused_backends(PR, "cpu")
@@ -34,6 +40,8 @@ PR_VARIANTS = [("mse", 1.0), ("kl", 1.0), ("kl", 0.25), ("kl", 4.0)]
 
 
 def _fused(op, backend):
+    if backend == EMU:
+        return emulation.loss_fn(op)
     fn = getattr(kdk, op)
     return lambda fs, ft, **kw: fn(fs, ft, backend=backend, **kw)
 
@@ -89,7 +97,7 @@ def test_channel_layouts(backend, device, layout, normalize):
     _check(CR, backend, fs, ft, normalize=normalize, distance="kl", tau=2.0)
     if layout == "channels_last":
         (grad,) = torch.autograd.grad(
-            kdk.channel_relation_loss(fs.requires_grad_(True), ft, backend=backend), fs)
+            _fused(CR, backend)(fs.requires_grad_(True), ft), fs)
         assert grad.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -103,7 +111,7 @@ def test_pixel_layouts(backend, device, layout, distance):
     _check(PR, backend, fs, ft, distance=distance, tau=0.5)
     if layout == "channels_last":
         (grad,) = torch.autograd.grad(
-            kdk.pixel_relation_loss(fs.requires_grad_(True), ft, distance=distance, backend=backend), fs)
+            _fused(PR, backend)(fs.requires_grad_(True), ft, distance=distance), fs)
         assert grad.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -136,7 +144,7 @@ def test_mixed_dtypes(backend, device, dtypes):
     fs, ft = fs.to(dtypes[0]), ft.to(dtypes[1])
     acc = torch.float64 if torch.float64 in dtypes else torch.float32
     for op, kw in ((CR, {"normalize": "softmax"}), (PR, {"distance": "kl"})):
-        if backend not in fused_backends(op, device):
+        if backend != EMU and backend not in fused_backends(op, device):
             continue
         loss, grad = loss_and_grad(_fused(op, backend), fs, ft, **kw)
         assert loss.dtype == acc and grad.dtype == fs.dtype
@@ -261,12 +269,12 @@ def test_many_channels_cpu(channels):
 @pytest.mark.parametrize("backend,device", ANY_TARGETS, ids=ANY_IDS)
 def test_teacher_gets_no_gradient(backend, device):
     for op, kw in ((CR, {"distance": "kl"}), (PR, {"distance": "kl"}), (PR, {"distance": "mse"})):
-        if backend not in fused_backends(op, device):
+        if backend != EMU and backend not in fused_backends(op, device):
             continue
         fs, ft = random_pair((2, 3, 5, 7), (2, 3, 5, 7), device, seed=10)
         fs.requires_grad_(True)
         ft.requires_grad_(True)
-        getattr(kdk, op)(fs, ft, backend=backend, **kw).backward()
+        _fused(op, backend)(fs, ft, **kw).backward()
         assert fs.grad is not None and ft.grad is None
 
 
@@ -274,13 +282,13 @@ def test_teacher_gets_no_gradient(backend, device):
 def test_non_finite_propagates(backend, device):
     for op, kw in ((CR, {"normalize": "l2"}), (CR, {"normalize": "softmax", "distance": "kl"}),
                    (PR, {"distance": "mse"}), (PR, {"distance": "kl"})):
-        if backend not in fused_backends(op, device):
+        if backend != EMU and backend not in fused_backends(op, device):
             continue
         fs, ft = random_pair((2, 3, 5, 7), (2, 3, 5, 7), device, seed=11)
         fs[0, 1, 2, 3] = float("nan")
-        assert torch.isnan(getattr(kdk, op)(fs, ft, backend=backend, **kw)), (op, kw)
+        assert torch.isnan(_fused(op, backend)(fs, ft, **kw)), (op, kw)
         fs[0, 1, 2, 3] = float("inf")
-        assert not torch.isfinite(getattr(kdk, op)(fs, ft, backend=backend, **kw)), (op, kw)
+        assert not torch.isfinite(_fused(op, backend)(fs, ft, **kw)), (op, kw)
 
 
 @pytest.mark.parametrize("backend,device", PR_TARGETS, ids=PR_IDS)
@@ -298,7 +306,7 @@ def test_zero_pixels(backend, device):
 def test_deterministic(backend, device):
     for op, kw in ((CR, {"normalize": "softmax", "distance": "kl"}), (PR, {"distance": "mse"}),
                    (PR, {"distance": "kl"})):
-        if backend not in fused_backends(op, device):
+        if backend != EMU and backend not in fused_backends(op, device):
             continue
         fs, ft = random_pair((2, 8, 13, 11), (2, 8, 13, 11), device, seed=14)
         first = loss_and_grad(_fused(op, backend), fs, ft, **kw)

@@ -70,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_kl_cuda(const at::Tensor& zs, const at:
   at::Tensor loss = at::empty({}, zs.options().dtype(acc));
   C10_CUDA_CHECK(gpu::finish_sum(partial.data_ptr(), true, partial.numel(),
                                  count.defined() ? t2 : t2 / static_cast<double>(B * H * W),
-                                 count.defined() ? count.data_ptr<int64_t>() : nullptr, loss.data_ptr(),
+                                 count.defined() ? count.data_ptr<int64_t>() : nullptr, false, loss.data_ptr(),
                                  acc == at::kDouble, at::cuda::getCurrentCUDAStream()));
   return {loss, grad};
 }

@@ -1,8 +1,10 @@
-// Host launchers of the relation-loss CUDA kernels (pixel relation "mse" and "kl"; the channel
-// relation is all cuBLAS + ATen in relations.cpp). Torch-free on purpose, like
-// attention_transfer_kernel.h: the torch glue in relations.cpp passes raw pointers, sizes, element
-// strides and dtype tags. Every launch is asynchronous on `stream` and returns the first launch
-// error.
+// Host launchers of the relation-loss CUDA kernels (channel relation, pixel relation "mse" and
+// "kl"). Torch-free on purpose, like attention_transfer_kernel.h: the torch glue in relations.cpp
+// passes raw pointers, sizes, element strides and dtype tags; the kernels read the inputs
+// through their strides (any layout, no copies). The accumulation type ("acc") is double when
+// fs (and then ft) is float64, else float. Every launch is asynchronous on `stream` and returns
+// the first launch error. Kernels per forward + backward: channel relation 4, pixel relation
+// "mse" 4, "kl" 3.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -14,47 +16,58 @@
 namespace kdk {
 namespace gpu {
 
-// The pixel-relation kernels work on a zero-padded, contiguous (B, Cpad, Npad) copy of the
-// pixel-normalised features ("A" for the student, "T" for the teacher) in the accumulation type
-// (float, or double for float64 inputs and for the whole "mse" route). The tiled "kl" kernels
-// need Npad a multiple of kRelTile and Cpad a multiple of rel_channel_pad(f64).
-constexpr int64_t kRelTile = 64;
-int64_t rel_channel_pad(bool f64);  // 16 (float tiles) or 8 (double tiles)
+// --- Channel relation: Gram G = Fn Fn^T (C x C) of the rows normalised over the N pixels.
 
-// out[b, c, n] = x[b, c, n] * (1 / max(||x[b, :, n]||_2, 1e-12)) for c < C, n < N (n = h * W + w), and 0
-// in the padding (C <= c < Cpad, N <= n < Npad). norms[b, n] = ||x[b, :, n]||_2 (B x N, contiguous;
-// may be null). out and norms are double when out_f64, else float (x then must not be float64).
-// The squares are summed in the output type. N must be below 2^31.
-cudaError_t rel_normalize_pixels(const Tensor4& x, int64_t Cpad, int64_t Npad, bool out_f64, void* out,
-                                 void* norms, cudaStream_t stream);
+// Doubles of scratch cr_forward needs for fs (B, C, H, W).
+int64_t cr_workspace(const Tensor4& fs);
 
-// Pixel normalisation backward fused with the final scaling, for the student:
-//   grad_fs[b, c, n] = s * (n_bn > 1e-12 ? (dA - A <A, dA>) / n_bn : dA / 1e-12),  s = *grad * mult,
-// with dA, A (B, Cpad, Npad) and norms (B, N) contiguous in the accumulation type (double when
-// acc_f64, else float) and grad one acc element on the device. fs gives the sizes and the output
-// dtype (its data is not read); grad_fs is written through grad_fs_stride.
-cudaError_t rel_normalize_backward(const void* dA, const void* A, const void* norms, bool acc_f64, int64_t Cpad,
-                                   int64_t Npad, const void* grad, double mult, const Tensor4& fs, void* grad_fs,
-                                   const int64_t grad_fs_stride[4], cudaStream_t stream);
+// loss (one acc element), grad_gram = d loss / d G_s for a unit upstream gradient (B x C x C acc)
+// and row_stats (B x C x 2 acc): per row the normalisation statistic (l2: the row norm;
+// softmax: the row log-sum-exp of F / tau) and dot = sum_j (grad_gram_ij + grad_gram_ji) G_s,ij,
+// which the backward's normalisation step needs. Three kernels: split-K Grams of fs and ft, the
+// per-sample C x C tail (float64), the fixed-order loss sum.
+cudaError_t cr_forward(const Tensor4& fs, const Tensor4& ft, bool softmax, bool kl, double tau, void* workspace,
+                       void* grad_gram, void* row_stats, void* loss, cudaStream_t stream);
 
-// Shapes of the tiled "kl" kernels: A is (B, Cs_pad, Npad), T is (B, Ct_pad, Npad), N valid pixels.
-struct RelKlShape {
-  int64_t B, Cs_pad, Ct_pad, N, Npad;
-};
+// grad_fs (fs's sizes and dtype, written through grad_fs_stride) = grad * d loss / d fs, from
+// grad (one acc element on the device), grad_gram and row_stats. One kernel.
+cudaError_t cr_backward(const void* grad, const Tensor4& fs, const void* grad_gram, const void* row_stats,
+                        bool softmax, double tau, void* grad_fs, const int64_t grad_fs_stride[4], cudaStream_t stream);
 
-// Flash-attention style forward over tiles of S_s = A^T A and S_t = T^T T (never held whole):
-// lse_s[b, i] = logsumexp_j S_s[b, i, j] / tau, lse_t likewise, and the per-row KL bracket
-// terms[b, i] = sum_j p_t (S_t - S_s)_ij / tau + lse_s_i - lse_t_i (all B x N, contiguous, float or
-// double as f64). The loss is tau^2 / (B N) * sum(terms), summed by the caller in a fixed order.
-cudaError_t rel_kl_forward(const void* A, const void* T, const RelKlShape& shape, double tau, bool f64,
-                           void* lse_s, void* lse_t, void* terms, cudaStream_t stream);
+// --- Pixel relation: S = A^T A (N x N) of the pixel-normalised features, never held.
 
-// Recomputing backward: dA[b, :, i] = sum_j A[b, :, j] (H_ij), H_ij = (p_s - p_t)_ij + (p_s - p_t)_ji,
-// p = exp(S / tau - lse_row), without the factor grad * tau / (B N) (rel_normalize_backward applies
-// it). dA is (B, Cs_pad, Npad), must be zero on entry; each block owns a row block of every sample,
-// so there are no atomics.
-cudaError_t rel_kl_backward(const void* A, const void* T, const RelKlShape& shape, double tau, bool f64,
-                            const void* lse_s, const void* lse_t, void* dA, cudaStream_t stream);
+// Doubles of scratch prm_forward needs.
+int64_t prm_workspace(const Tensor4& fs, const Tensor4& ft);
+
+// "mse" by the algebraic route: loss (one acc element) = max(0, |m_ss|^2 + |m_tt|^2 -
+// 2 |m_st|^2) / (B N^2) from the Grams m_ss = A A^T (B x Cs x Cs), m_st = A T^T (B x Cs x Ct),
+// both written (double), and m_tt. Three kernels: split-K Grams normalising pixels as they load,
+// the per-sample sums of squares, the fixed-order loss sum.
+cudaError_t prm_forward(const Tensor4& fs, const Tensor4& ft, void* workspace, void* m_ss, void* m_st, void* loss,
+                        cudaStream_t stream);
+
+// grad_fs = grad * 4 / (B N^2) * (pixel-normalisation backward of dA = m_ss A - m_st T), in
+// float64; grad is one acc element on the device. One kernel.
+cudaError_t prm_backward(const void* grad, const Tensor4& fs, const Tensor4& ft, const void* m_ss,
+                         const void* m_st, void* grad_fs, const int64_t grad_fs_stride[4], cudaStream_t stream);
+
+// Acc elements of the per-row scratch of prk_forward (B * N) and of the gradient scratch of
+// prk_backward (B * round_up(Cs, 64) * round_up(N, 64)).
+int64_t prk_forward_workspace(const Tensor4& fs);
+int64_t prk_backward_workspace(const Tensor4& fs);
+
+// "kl", flash-attention style: loss (one acc element) = tau^2 / (B N) sum of the per-row KL
+// brackets, and lse_s, lse_t (B x N acc, the row log-sum-exps of S / tau) for the backward. Two
+// kernels: the tiled row pass (pixel norms computed as the tiles load), the fixed-order sum.
+cudaError_t prk_forward(const Tensor4& fs, const Tensor4& ft, double tau, void* workspace, void* lse_s, void* lse_t,
+                        void* loss, cudaStream_t stream);
+
+// grad_fs = grad * tau / (B N) * d(sum of brackets) / d fs: one kernel that recomputes the tiles,
+// keeps each row block's gradient to itself (no atomics) and ends with the pixel-normalisation
+// backward. grad is one acc element on the device.
+cudaError_t prk_backward(const void* grad, const Tensor4& fs, const Tensor4& ft, double tau, const void* lse_s,
+                         const void* lse_t, void* workspace, void* grad_fs, const int64_t grad_fs_stride[4],
+                         cudaStream_t stream);
 
 }  // namespace gpu
 }  // namespace kdk

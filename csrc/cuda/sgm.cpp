@@ -46,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> sgm_cuda(const at::Tensor& ps, const at::Tens
                                   gstride, partial.data_ptr(), at::cuda::getCurrentCUDAStream()));
   // A fixed-order reduction of the per-tile partials keeps the loss deterministic.
   at::Tensor loss = at::empty({}, partial.options());
-  C10_CUDA_CHECK(gpu::finish_sum(partial.data_ptr(), acc == at::kDouble, partial.numel(), 1.0 / n, nullptr,
+  C10_CUDA_CHECK(gpu::finish_sum(partial.data_ptr(), acc == at::kDouble, partial.numel(), 1.0 / n, nullptr, false,
                                  loss.data_ptr(), acc == at::kDouble, at::cuda::getCurrentCUDAStream()));
   return {loss, grad};
 }

@@ -207,7 +207,8 @@ setup(
                     "bench": ["matplotlib", "liger-kernel"], "torchdistill": ["torchdistill"],
                     # examples/: plain_loop.py reads models/ (tqdm), the others add their framework.
                     "examples": ["lightning", "torchdistill", "tqdm"],
-                    "models": ["timm", "torchmetrics", "monai", "tqdm", "pillow", "matplotlib"]},
+                    # scipy: MONAI's HD95 (the distance transform) needs it.
+                    "models": ["timm", "torchmetrics", "monai", "scipy", "tqdm", "pillow", "matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

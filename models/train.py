@@ -166,6 +166,10 @@ def run(args: argparse.Namespace) -> dict:
                               loss_fn=recipe.teacher_loss, **common).epoch_loss
     teacher_s = time.perf_counter() - t0
     teacher.eval()
+    # Each network is saved as soon as it is trained, before anything that could fail after it
+    # (the other trainings, evaluation and its optional dependencies).
+    if rt.main:
+        save(teacher, out / "teacher.pt", recipe, sizes, data.classes)
 
     # Both students start from the same weights and see the same batches: only distillation differs.
     torch.manual_seed(args.seed + 1)
@@ -177,10 +181,14 @@ def run(args: argparse.Namespace) -> dict:
     plain_times = train(plain, recipe, epochs=sizes.student_epochs, desc="student (plain)", lr=recipe.lr,
                         loss_fn=recipe.task_loss, **common)
     plain_s = time.perf_counter() - t0
+    if rt.main:
+        save(plain, out / "student_plain.pt", recipe, sizes, data.classes)
     t0 = time.perf_counter()
     kd_times = train(distilled, recipe, epochs=sizes.student_epochs, desc="student (KD)", lr=recipe.lr,
                      teacher=teacher, kd_modules=kd_modules, **common)
     kd_s = time.perf_counter() - t0
+    if rt.main:
+        save(distilled, out / "student_kd.pt", recipe, sizes, data.classes)
 
     t0 = time.perf_counter()
     nets = {"teacher": (teacher, recipe.teacher_logits), "student_plain": (plain, recipe.logits),
@@ -215,9 +223,6 @@ def run(args: argparse.Namespace) -> dict:
                                  "student_kd": kd_times.epoch_loss},
     }
     if rt.main:
-        save(teacher, out / "teacher.pt", recipe, sizes, data.classes)
-        save(plain, out / "student_plain.pt", recipe, sizes, data.classes)
-        save(distilled, out / "student_kd.pt", recipe, sizes, data.classes)
         _panel(out, recipe, data, {"teacher": nets["teacher"], "plain student": nets["student_plain"],
                                    "KD student": nets["student_kd"]}, rt)
         metrics["time_s"]["total"] = time.perf_counter() - start

@@ -14,7 +14,7 @@ fi
 # torch 2.14.1 is a CUDA 13 build: with nvcc on the PATH the CUDA kernels compile and link even
 # on a machine without a GPU. Pinned so every machine builds against the same headers.
 .venv/bin/pip install -q --disable-pip-version-check torch==2.14.1 numpy triton ninja \
-  pytest hypothesis pytest-benchmark matplotlib torchdistill lightning timm torchmetrics monai tqdm pillow
+  pytest hypothesis pytest-benchmark matplotlib torchdistill lightning timm torchmetrics monai scipy tqdm pillow
 
 if command -v nvcc >/dev/null 2>&1 && [ "${KDKERNELS_SKIP_CUDA:-0}" = "0" ]; then
   export KDKERNELS_FORCE_CUDA=1   # fail loudly rather than silently drop the CUDA kernels

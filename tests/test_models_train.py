@@ -68,6 +68,23 @@ def test_reused_teacher_and_torch_backend(tmp_path):
 
 
 @pytest.mark.slow
+def test_checkpoints_survive_a_failed_evaluation(tmp_path, monkeypatch):
+    """Each network is saved when its training ends: an evaluation that fails (a missing
+    optional dependency, say) loses no trained network."""
+    import models.train as train_module
+
+    def failing(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'scipy'")
+
+    monkeypatch.setattr(train_module, "evaluate", failing)
+    with pytest.raises(ModuleNotFoundError):
+        main(["--recipe", "ltg", *TINY, "--out", str(tmp_path)])
+    for name in ("teacher.pt", "student_plain.pt", "student_kd.pt"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.slow
 def test_ddp_two_gloo_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)

@@ -25,6 +25,7 @@
 #include <cuda_runtime.h>
 #include <math.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cuda/finish_kernel.h"
@@ -55,7 +56,11 @@ CrPlan cr_plan(const Tensor4& fs) {
   p.nt = ceil_div(p.C, kTile);
   const int64_t tiles = p.B * 2 * p.nt * p.nt;
   const int64_t want = tiles > 0 ? ceil_div(kTargetBlocks, tiles) : 1;
-  const int64_t max_splits = p.N > 0 ? ceil_div(p.N, kMinChunk) : 1;
+  // At least 256 pixels per chunk, and the partial Grams (splits x 2C^2 doubles per sample) at
+  // most half the inputs' 2CN floats: splits <= N / (4C).
+  const int64_t by_chunk = p.N > 0 ? ceil_div(p.N, kMinChunk) : 1;
+  const int64_t by_memory = p.C > 0 ? p.N / (4 * p.C) : 1;
+  const int64_t max_splits = std::max<int64_t>(1, std::min(by_chunk, by_memory));
   const int64_t splits = want < max_splits ? want : max_splits;
   p.chunk = ceil_div(ceil_div(p.N > 0 ? p.N : 1, splits), kBK) * kBK;
   p.splits = p.N > 0 ? ceil_div(p.N, p.chunk) : 1;
@@ -185,7 +190,7 @@ struct TailArgs {
 // One row of the distance: its loss term and grad_gram row (unit upstream gradient). gs, gt: the
 // row of G_s and G_t (float64).
 template <typename acc_t>
-__device__ double distance_row(const double* gs, const double* gt, int64_t C, bool kl, double tau, double rows,
+__device__ __forceinline__ double distance_row(const double* gs, const double* gt, int64_t C, bool kl, double tau, double rows,
                                double cells, acc_t* gg) {
   if (!kl) {
     double term = 0;

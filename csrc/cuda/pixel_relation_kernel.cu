@@ -37,6 +37,7 @@
 #include <cuda_runtime.h>
 #include <math.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -71,7 +72,11 @@ PrmPlan prm_plan(const Tensor4& fs, const Tensor4& ft) {
   p.nt = ceil_div(p.R, kTile);
   const int64_t tiles = p.B * p.nt * p.nt;
   const int64_t want = tiles > 0 ? ceil_div(kTargetBlocks, tiles) : 1;
-  const int64_t max_splits = p.N > 0 ? ceil_div(p.N, 4 * kTile) : 1;  // chunks of at least 256 pixels
+  // At least 256 pixels per chunk, and the partial Grams (splits x R^2 doubles per sample) at most
+  // half the inputs' R N floats: splits <= N / (4 R).
+  const int64_t by_chunk = p.N > 0 ? ceil_div(p.N, 4 * kTile) : 1;
+  const int64_t by_memory = p.R > 0 ? p.N / (4 * p.R) : 1;
+  const int64_t max_splits = std::max<int64_t>(1, std::min(by_chunk, by_memory));
   const int64_t splits = want < max_splits ? want : max_splits;
   p.chunk = round_up(ceil_div(p.N > 0 ? p.N : 1, splits), kTile);
   p.splits = p.N > 0 ? ceil_div(p.N, p.chunk) : 1;

@@ -50,6 +50,17 @@ def test_layouts(backend, device, layout, shapes):
 
 
 @pytest.mark.parametrize("backend,device", TARGETS, ids=IDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shapes", [((2, 70, 6, 5), (2, 100, 6, 5)), ((1, 130, 9, 7), (1, 77, 4, 3))],
+                         ids=["same", "down"])
+def test_many_channels_on_few_pixels(backend, device, layout, shapes):
+    """Deep maps on small grids (HLFD's 512-channel teacher stages): the channel reduction is
+    split across programs (Triton, CUDA) and the splits merged in order."""
+    fs, ft = random_pair(*shapes, device, seed=6)
+    _compare(backend, device, make_layout(fs, layout), make_layout(ft, layout), p=2.0)
+
+
+@pytest.mark.parametrize("backend,device", TARGETS, ids=IDS)
 @pytest.mark.parametrize("shapes", RESIZED[:2] + [((2, 3, 9, 5), (2, 4, 6, 8))],
                          ids=["student-larger", "teacher-larger", "mixed"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)

@@ -2,11 +2,15 @@
 
 The math mirrors the C++/CUDA kernels (csrc/common/attention_transfer.h and bilinear.h):
 
-* map kernel, grid (cdiv(N, BLOCK_N), B): m[b, n] = mean_c |y[b, c, n]|^p on the teacher's
-  Ho x Wo grid, y the input itself or (student only, RESIZE) its bilinear resample
-  (align_corners=False) read straight from the 4 taps, so no resized tensor ever exists. A
-  [BLOCK_C, BLOCK_N] tile is loaded through the element strides and reduced over channels.
-* finalize kernel, grid (B,): pass 1 the L2 norms of ms[b] and mt[b], pass 2 the per-sample sum
+* map kernel, grid (pixel blocks x channel splits of the student, then of the teacher, B):
+  the partial sums sum_c |y[b, c, n]|^p over one split's channels on the teacher's Ho x Wo grid,
+  y the input itself or (student only, RESIZE) its bilinear resample (align_corners=False) read
+  straight from the 4 taps, so no resized tensor ever exists. [BLOCK_C, BLOCK_N] tiles are loaded
+  through the element strides and reduced over channels. The channels are split across programs
+  (as the CUDA kernel does) when pixel blocks alone give too few programs: a 512-channel 4 x 4
+  map is one pixel block.
+* finalize kernel, grid (B,): m = (sum of the splits in order) / C, then pass 1 the L2 norms
+  of ms[b] and mt[b], pass 2 the per-sample sum
   of squared differences and <as, d>, pass 3 coeff = d loss / d ms. The loss is the fixed-order
   sum of the per-sample partials (no float atomics: deterministic).
 * backward kernel, grid (cdiv(Hs * Ws, BLOCK_N), cdiv(Cs, BLOCK_C), B): grad_fs = g / Cs * sum
@@ -39,6 +43,7 @@ from kdkernels.triton._common import (
     _flat,
     _launch,
     _pixel_offsets,
+    _split_k,
     fused_loss,
 )
 
@@ -53,6 +58,9 @@ _TILE_PIXELS_CONTIGUOUS = (8, 256)  # (BLOCK_C, BLOCK_N)
 _TILE_CHANNELS_CONTIGUOUS = (32, 64)
 _BLOCK_FINALIZE = 1024
 _NUM_WARPS = 4
+# Channel splits of the map kernel: enough programs for two waves of a 132-SM H100, a fixed
+# number so that the summation order (the bits) depends on the shapes alone.
+_MAP_TARGET_PROGRAMS = 264
 
 # --- device helpers -------------------------------------------------------------------------
 
@@ -135,13 +143,16 @@ def _sample(base, coff, mask, h0, h1, w0, w1, lh0, lh1, lw0, lw1, sH, sW, ACC: t
 
 @triton.jit
 def _map_tile(
-    x_ptr, m_ptr, pid_n, b, C, H, W, Wo, N, sB, sC, sH, sW, sN, scale_h, scale_w, p,
+    x_ptr, part_ptr, pid, tiles, B, b, C, chunk, H, W, Wo, N, sB, sC, sH, sW, sN, scale_h,
+    scale_w, p,
     P: tl.constexpr, RESIZE: tl.constexpr, FLAT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """m[b, n] = (1/C) sum_c |y[b, c, n]|^p for one block of the Ho x Wo grid (N = Ho * Wo)."""
-    ACC: tl.constexpr = m_ptr.dtype.element_ty
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """part[split, b, n] = sum over the split's channels of |y[b, c, n]|^p for one block of the
+    Ho x Wo grid (N = Ho * Wo); program pid is (split, pixel block) = divmod(pid, tiles)."""
+    ACC: tl.constexpr = part_ptr.dtype.element_ty
+    split = pid // tiles
+    n = (pid % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = n < N
     base = x_ptr + b * sB
     if RESIZE:
@@ -149,55 +160,64 @@ def _map_tile(
         w0, w1, lw0, lw1 = _taps(n % Wo, W, scale_w)
     else:
         off = _pixel_offsets(n, W, sH, sW, sN, FLAT)
+    c_lo = split * chunk
+    c_hi = tl.minimum(c_lo + chunk, C)
     acc = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC)
-    for c_start in range(0, C, BLOCK_C):
+    for c_start in range(c_lo, c_hi, BLOCK_C):
         c = c_start + tl.arange(0, BLOCK_C)
-        mask = (c < C)[:, None] & mask_n[None, :]
+        mask = (c < c_hi)[:, None] & mask_n[None, :]
         coff = (c.to(tl.int64) * sC)[:, None]
         if RESIZE:
             v = _sample(base, coff, mask, h0, h1, w0, w1, lh0, lh1, lw0, lw1, sH, sW, ACC)
         else:
             v = tl.load(base + coff + off[None, :], mask=mask, other=0.0).to(ACC)
         acc += _power(v, p, P)  # masked lanes load 0 and |0|^p = 0
-    m = _div(tl.sum(acc, axis=0), C)
-    tl.store(m_ptr + b * N + n, m, mask=mask_n)
+    tl.store(part_ptr + (split * B + b) * N + n, tl.sum(acc, axis=0), mask=mask_n)
 
 
 @triton.jit
 def _at_map_kernel(
-    s_ptr, t_ptr, ms_ptr, mt_ptr,
-    b0, tiles_s, Cs, Hs, Ws, Ct, Wo, N,
+    s_ptr, t_ptr, ps_ptr, pt_ptr,
+    b0, B, tiles_s, progs_s, chunk_s, tiles_t, chunk_t, Cs, Hs, Ws, Ct, Wo, N,
     sB, sC, sH, sW, sN,
     tB, tC, tH, tW, tN,
     scale_h, scale_w, p,
     P: tl.constexpr, RESIZE: tl.constexpr, SFLAT: tl.constexpr, TFLAT: tl.constexpr,
     BLOCK_CS: tl.constexpr, BLOCK_NS: tl.constexpr, BLOCK_CT: tl.constexpr, BLOCK_NT: tl.constexpr,
 ):
-    """The channel-mean power maps of the student (the first tiles_s programs of axis 0, its
+    """The channel-split power sums of the student (the first progs_s programs of axis 0, its
     resample when RESIZE) and of the teacher (the rest), in one launch."""
-    ACC: tl.constexpr = ms_ptr.dtype.element_ty
+    ACC: tl.constexpr = ps_ptr.dtype.element_ty
     scale_h, scale_w, p = _float_args(scale_h, scale_w, p, ACC)
     pid = tl.program_id(0)
     b = (tl.program_id(1) + b0).to(tl.int64)
-    if pid < tiles_s:
-        _map_tile(s_ptr, ms_ptr, pid, b, Cs, Hs, Ws, Wo, N, sB, sC, sH, sW, sN, scale_h, scale_w,
-                  p, P, RESIZE, SFLAT, BLOCK_CS, BLOCK_NS)
+    if pid < progs_s:
+        _map_tile(s_ptr, ps_ptr, pid, tiles_s, B, b, Cs, chunk_s, Hs, Ws, Wo, N, sB, sC, sH, sW,
+                  sN, scale_h, scale_w, p, P, RESIZE, SFLAT, BLOCK_CS, BLOCK_NS)
     else:
-        _map_tile(t_ptr, mt_ptr, pid - tiles_s, b, Ct, 1, Wo, Wo, N, tB, tC, tH, tW, tN, 1.0,
-                  1.0, p, P, False, TFLAT, BLOCK_CT, BLOCK_NT)
+        _map_tile(t_ptr, pt_ptr, pid - progs_s, tiles_t, B, b, Ct, chunk_t, 1, Wo, Wo, N, tB, tC,
+                  tH, tW, tN, 1.0, 1.0, p, P, False, TFLAT, BLOCK_CT, BLOCK_NT)
+
+
+@triton.jit
+def _merged(part_ptr, splits, B, b, N, n, mask, C, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """The channel mean at pixels n: the splits' partial sums added in split order, / C."""
+    m = tl.zeros([BLOCK], dtype=ACC)
+    for k in range(0, splits):
+        m += tl.load(part_ptr + (k * B + b) * N + n, mask=mask, other=0.0)
+    return _div(m, C)
 
 
 @triton.jit
 def _at_finalize_kernel(
-    ms_ptr, mt_ptr, coeff_ptr, partial_ptr,
-    N, denom,
+    ps_ptr, pt_ptr, coeff_ptr, partial_ptr,
+    B, N, splits_s, splits_t, Cs, Ct, denom,
     BLOCK: tl.constexpr,
 ):
-    """Per sample b: partial[b] = ||as - at||^2 and coeff[b] = d loss / d ms[b]."""
+    """Per sample b: ms[b], mt[b] from the channel splits, partial[b] = ||as - at||^2 and
+    coeff[b] = d loss / d ms[b]."""
     ACC: tl.constexpr = coeff_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
-    s_ptr = ms_ptr + b * N
-    t_ptr = mt_ptr + b * N
     c_ptr = coeff_ptr + b * N
     eps = tl.full([], _EPS, ACC)
     k = _div(tl.full([], 2.0, ACC), denom)  # 2 * reduction scale
@@ -208,8 +228,8 @@ def _at_finalize_kernel(
     for start in range(0, N, BLOCK):
         n = start + tl.arange(0, BLOCK)
         mask = n < N
-        s = tl.load(s_ptr + n, mask=mask, other=0.0)
-        t = tl.load(t_ptr + n, mask=mask, other=0.0)
+        s = _merged(ps_ptr, splits_s, B, b, N, n, mask, Cs, ACC, BLOCK)
+        t = _merged(pt_ptr, splits_t, B, b, N, n, mask, Ct, ACC, BLOCK)
         ss += s * s
         tt += t * t
     ss_sum = tl.sum(ss, axis=0)
@@ -229,8 +249,8 @@ def _at_finalize_kernel(
     for start in range(0, N, BLOCK):
         n = start + tl.arange(0, BLOCK)
         mask = n < N
-        a_s = _div(tl.load(s_ptr + n, mask=mask, other=0.0), ns)
-        d = a_s - _div(tl.load(t_ptr + n, mask=mask, other=0.0), nt)
+        a_s = _div(_merged(ps_ptr, splits_s, B, b, N, n, mask, Cs, ACC, BLOCK), ns)
+        d = a_s - _div(_merged(pt_ptr, splits_t, B, b, N, n, mask, Ct, ACC, BLOCK), nt)
         d2 += d * d
         dt += a_s * d
     tl.store(partial_ptr + b, tl.sum(d2, axis=0))
@@ -241,8 +261,8 @@ def _at_finalize_kernel(
     for start in range(0, N, BLOCK):
         n = start + tl.arange(0, BLOCK)
         mask = n < N
-        a_s = _div(tl.load(s_ptr + n, mask=mask, other=0.0), ns)
-        d = a_s - _div(tl.load(t_ptr + n, mask=mask, other=0.0), nt)
+        a_s = _div(_merged(ps_ptr, splits_s, B, b, N, n, mask, Cs, ACC, BLOCK), ns)
+        d = a_s - _div(_merged(pt_ptr, splits_t, B, b, N, n, mask, Ct, ACC, BLOCK), nt)
         tl.store(c_ptr + n, _div(k * (d - a_s * dot), ns), mask=mask)
 
 
@@ -326,8 +346,16 @@ def _resize_params(size_in: int, size_out: int) -> tuple[float, int]:
     return float(scale), window
 
 
-def _launch_maps(fs: torch.Tensor, ft: torch.Tensor, ms: torch.Tensor, mt: torch.Tensor,
-                 p: float) -> None:
+def _map_plan(x: torch.Tensor, N: int, B: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_C, BLOCK_N, pixel blocks, channel splits, channels per split) of one input."""
+    block_c, block_n = _tile(x)
+    tiles = triton.cdiv(N, block_n)
+    splits, chunk = _split_k(x.shape[1], block_c, tiles * B, _MAP_TARGET_PROGRAMS)
+    return block_c, block_n, tiles, splits, chunk
+
+
+def _launch_maps(fs: torch.Tensor, ft: torch.Tensor, p: float):
+    """The channel-split power sums of fs (resampled) and ft: ((splits, B, N) each, splits)."""
     B, Cs, Hs, Ws = fs.shape
     Ct, Ho, Wo = ft.shape[1], ft.shape[2], ft.shape[3]
     N = Ho * Wo
@@ -336,18 +364,23 @@ def _launch_maps(fs: torch.Tensor, ft: torch.Tensor, ms: torch.Tensor, mt: torch
     scale_w = _resize_params(Ws, Wo)[0] if resize else 1.0
     s_flat, s_n = _flat(fs)
     t_flat, t_n = _flat(ft)
-    block_cs, block_ns = _tile(fs)
-    block_ct, block_nt = _tile(ft)
-    tiles_s = triton.cdiv(N, block_ns)
+    block_cs, block_ns, tiles_s, splits_s, chunk_s = _map_plan(fs, N, B)
+    block_ct, block_nt, tiles_t, splits_t, chunk_t = _map_plan(ft, N, B)
+    acc = _acc_dtype(fs)
+    part_s = torch.empty((splits_s, B, N), dtype=acc, device=fs.device)
+    part_t = torch.empty((splits_t, B, N), dtype=acc, device=fs.device)
+    progs_s = tiles_s * splits_s
     for b0, nb in _batch_chunks(B):
-        _launch(_at_map_kernel)[(tiles_s + triton.cdiv(N, block_nt), nb)](
-            fs, ft, ms, mt, b0, tiles_s, Cs, Hs, Ws, Ct, Wo, N,
+        _launch(_at_map_kernel)[(progs_s + tiles_t * splits_t, nb)](
+            fs, ft, part_s, part_t, b0, B, tiles_s, progs_s, chunk_s, tiles_t, chunk_t,
+            Cs, Hs, Ws, Ct, Wo, N,
             *fs.stride(), s_n, *ft.stride(), t_n,
             scale_h, scale_w, p,
             P=_power_kind(p), RESIZE=resize, SFLAT=s_flat, TFLAT=t_flat,
             BLOCK_CS=block_cs, BLOCK_NS=block_ns, BLOCK_CT=block_ct, BLOCK_NT=block_nt,
             num_warps=_NUM_WARPS,
         )
+    return part_s, part_t, splits_s, splits_t
 
 
 _DENOM = {"mean": lambda b, n: b * n, "batchmean": lambda b, n: b, "sum": lambda b, n: 1}
@@ -362,14 +395,13 @@ def _attention_transfer_fwd(
     B, Ho, Wo = ft.shape[0], ft.shape[2], ft.shape[3]
     N = Ho * Wo
     acc = _acc_dtype(fs)
-    ms = torch.empty((B, Ho, Wo), dtype=acc, device=fs.device)
-    mt = torch.empty((B, Ho, Wo), dtype=acc, device=fs.device)
     coeff = torch.empty((B, Ho, Wo), dtype=acc, device=fs.device)
     partial = torch.empty((B,), dtype=acc, device=fs.device)
-    _launch_maps(fs, ft, ms, mt, p)
+    part_s, part_t, splits_s, splits_t = _launch_maps(fs, ft, p)
     denom = _DENOM[reduction](B, N)
     _launch(_at_finalize_kernel)[(B,)](
-        ms, mt, coeff, partial, N, denom, BLOCK=_BLOCK_FINALIZE, num_warps=_NUM_WARPS)
+        part_s, part_t, coeff, partial, B, N, splits_s, splits_t, fs.shape[1], ft.shape[1], denom,
+        BLOCK=_BLOCK_FINALIZE, num_warps=_NUM_WARPS)
     return _finish(partial, 1.0 / denom), coeff
 
 

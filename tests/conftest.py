@@ -13,6 +13,12 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 import kdkernels  # noqa: E402,F401  (imported after the switch above on purpose)
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # tl.dot's TF32 input precisions round as the tensor cores do (tests/tf32_emulation.py).
+    from tf32_emulation import install
+
+    install()
+
 if os.environ.get("KDK_TRITON_LAUNCHES") and os.environ.get("TRITON_INTERPRET") == "1":
     # Record the interpreted launches for tests/triton_compile_check.py (scripts/test.sh).
     from triton_compile_check import record_launches

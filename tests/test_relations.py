@@ -246,7 +246,7 @@ def test_long_rows_cpu(noise):
 
 
 @pytest.mark.parametrize("backend,device", PR_TARGETS, ids=PR_IDS)
-@pytest.mark.parametrize("channels", [(1, 1), (1, 8), (8, 2), (3, 3)], ids=str)
+@pytest.mark.parametrize("channels", [(1, 1), (1, 8), (8, 2), (3, 3), (70, 5)], ids=str)
 def test_pixel_channel_counts(backend, device, channels):
     fs, ft = random_pair((2, channels[0], 5, 7), (2, channels[1], 5, 7), device, seed=9)
     for distance in ("mse", "kl"):

@@ -10,6 +10,10 @@ the installed Triton: with float arguments as float32 (Triton's JIT) and as floa
 
     KDK_TRITON_LAUNCHES=build/launches.jsonl pytest tests      # record (scripts/test.sh does)
     python tests/triton_compile_check.py build/launches.jsonl  # compile; exit 1 on a failure
+
+It also checks that the kernels whose float32 products are meant for the tensor cores
+(TENSOR_CORE_KERNELS, "tf32x3" dots) do use them: their PTX for float32 or 16-bit data holds mma
+or wgmma instructions. (float64 launches multiply by FMA on purpose.)
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 POINTEE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64",
            "int64": "i64", "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
 
+
+# The kernels with float32 (or 16-bit) tl.dot tile products.
+TENSOR_CORE_KERNELS = {"_la_attend_kernel", "_la_bwd_kernel", "_pr_kl_fwd_kernel", "_pr_kl_bwd_kernel",
+                       "_cr_backward_kernel"}
 
 UNRECORDED_RUN = None  # the interpreter's own launch, before any recording wrapped it
 
@@ -116,14 +124,17 @@ def compile_one(job: tuple[dict, str, int]) -> str | None:
     while not isinstance(fn, triton.runtime.jit.JITFunction):
         fn = fn.fn
     sig, consts = _signature(fn, launch["args"], float_type)
+    typed = ", ".join(f"{k}={consts[k]}" if k in consts else f"{k}: {v}" for k, v in sig.items())
     try:
-        triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32),
-                       options=launch["options"])
+        compiled = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32),
+                                  options=launch["options"])
     except Exception as exc:  # noqa: BLE001 (every compiler error is a finding)
         lines = [s for s in str(exc).splitlines() if s.strip()]
         why = next((s for s in reversed(lines) if "error" in s.lower()), lines[-1] if lines else "")
-        typed = ", ".join(f"{k}={consts[k]}" if k in consts else f"{k}: {v}" for k, v in sig.items())
         return f"{launch['name']}({typed}) [floats {float_type}]: {type(exc).__name__}: {why.strip()[:300]}"
+    fp64 = any(kind[:2] == ["tensor", "float64"] for kind in launch["args"].values())
+    if launch["name"] in TENSOR_CORE_KERNELS and not fp64 and "mma" not in compiled.asm["ptx"]:
+        return f"{launch['name']}({typed}): no mma / wgmma instruction in its PTX (expected tensor-core products)"
     return None
 
 

@@ -534,7 +534,11 @@ constexpr int kLdH = kTile + 1;  // Ht's row stride: odd, so its transposed stor
 //   dA[:, I] += A[:, J] H_IJ^T, in channel chunks of 64 (a 4 x 4 micro-tile of (channel, row) per
 //   thread) written (first J) or read-modify-written in the scratch by their single owner thread;
 // then the pixel-normalisation backward of the block's 64 pixels.
-template <typename acc_t>
+//
+// RESIDENT (at most 64 student channels, the CPKD decoder's): the block's whole dA_I is one 4 x 4
+// micro-tile per thread, kept in registers across the column blocks; no scratch is read or
+// written and the epilogue works from the registers.
+template <typename acc_t, bool RESIDENT>
 __global__ void __launch_bounds__(kThreads) prk_backward_kernel(PrkBwdArgs<acc_t> a) {
   __shared__ acc_t As[kBK * kLd];  // gram tiles: A[c, I]; dA phase: As[j][c] = A[cc + c, j0 + jk + j]
   __shared__ acc_t HB[kTile * kLdH];  // gram tiles: the second stage; dA phase: Ht[j][i] = H_IJ[i][j]
@@ -563,6 +567,8 @@ __global__ void __launch_bounds__(kThreads) prk_backward_kernel(PrkBwdArgs<acc_t
     lti[r] = vi[r] ? a.lse_t[b * p.N + i] : acc_t(0);
   }
   const int sc = by_row_row(t), sj = by_row_k(t);  // dA staging: channel, 4 consecutive columns
+  acc_t kept[kMicro][kMicro];  // RESIDENT: dA_I, (channel 4 ty + r, row i0 + 4 tx + q)
+  zero(kept);
 
   for (int64_t j0 = 0; j0 < p.N; j0 += kTile) {
     pixel_norms(fs, b, j0, scratch, den_js, static_cast<acc_t*>(nullptr));
@@ -602,8 +608,9 @@ __global__ void __launch_bounds__(kThreads) prk_backward_kernel(PrkBwdArgs<acc_t
       for (int c = 0; c < kMicro; ++c) HB[(tx * kMicro + c) * kLdH + ty * kMicro + r] = h[r][c];
 
     for (int64_t cc = 0; cc < p.Cs_pad; cc += kTile) {
-      acc_t acc[kMicro][kMicro];  // (channel cc + 4 ty + r, row i0 + 4 tx + q)
-      zero(acc);
+      acc_t fresh[kMicro][kMicro];  // (channel cc + 4 ty + r, row i0 + 4 tx + q)
+      zero(fresh);
+      acc_t (&acc)[kMicro][kMicro] = RESIDENT ? kept : fresh;
       const int64_t c = cc + sc;
       const int64_t row = b * fs.sB + c * fs.sC;
       for (int jk = 0; jk < kTile; jk += kBK) {
@@ -617,14 +624,61 @@ __global__ void __launch_bounds__(kThreads) prk_backward_kernel(PrkBwdArgs<acc_t
         __syncthreads();
         multiply_chunk<acc_t, kLd, kLdH>(As, HB + jk * kLdH, ty, tx, acc);
       }
+      if (!RESIDENT) {
 #pragma unroll
-      for (int r = 0; r < kMicro; ++r) {
-        acc_t* dst = dAb + (cc + ty * kMicro + r) * p.Npad + i0 + tx * kMicro;
+        for (int r = 0; r < kMicro; ++r) {
+          acc_t* dst = dAb + (cc + ty * kMicro + r) * p.Npad + i0 + tx * kMicro;
 #pragma unroll
-        for (int q = 0; q < kMicro; ++q) dst[q] = j0 == 0 ? acc[r][q] : dst[q] + acc[r][q];
+          for (int q = 0; q < kMicro; ++q) dst[q] = j0 == 0 ? acc[r][q] : dst[q] + acc[r][q];
+        }
       }
     }
     __syncthreads();  // the readers of HB (as Ht) and of den_js are done before the next column block
+  }
+
+  const acc_t s = *a.grad * a.mult, eps = static_cast<acc_t>(kEps);
+  if (RESIDENT) {
+    // Pixel-normalisation backward from the registers: the per-pixel dot over the 64 channels
+    // (16 threads hold 4 each; their partials add in ty order), then each thread its 16 outputs.
+    acc_t (*red)[kTile] = reinterpret_cast<acc_t (*)[kTile]>(HB);  // kGrid x kTile fits in HB
+    acc_t A[kMicro][kMicro];
+#pragma unroll
+    for (int q = 0; q < kMicro; ++q) {
+      const int64_t i = i0 + tx * kMicro + q;
+      acc_t part = 0;
+#pragma unroll
+      for (int r = 0; r < kMicro; ++r) {
+        const int64_t c = ty * kMicro + r;
+        const bool ok = c < fs.C && i < p.N;
+        A[r][q] = ok ? load<acc_t>(fs, b * fs.sB + c * fs.sC + ois[q]) / den_is[tx * kMicro + q] : acc_t(0);
+        part += A[r][q] * kept[r][q];
+      }
+      red[ty][tx * kMicro + q] = part;
+    }
+    __syncthreads();
+    if (t < kTile) {
+      acc_t d = 0;
+      for (int y = 0; y < kGrid; ++y) d += red[y][t];
+      dot[t] = d;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < kMicro; ++q) {
+      const int px = tx * kMicro + q;
+      const int64_t i = i0 + px;
+      if (i >= p.N) continue;
+      const acc_t nv = norm_is[px];
+      const int64_t h = i / fs.W, w = i % fs.W;
+#pragma unroll
+      for (int r = 0; r < kMicro; ++r) {
+        const int64_t c = ty * kMicro + r;
+        if (c >= fs.C) continue;
+        const acc_t g = kept[r][q];
+        store(a.out, fs.dtype, b * a.o[0] + c * a.o[1] + h * a.o[2] + w * a.o[3],
+              nv > eps ? s * (g - A[r][q] * dot[px]) / nv : s * g / eps);
+      }
+    }
+    return;
   }
 
   // Pixel-normalisation backward of the 64 rows (pixels) of I: four threads per pixel, each a
@@ -644,7 +698,6 @@ __global__ void __launch_bounds__(kThreads) prk_backward_kernel(PrkBwdArgs<acc_t
     dot[px] = ((scratch[px] + scratch[px + kTile]) + scratch[px + 2 * kTile]) + scratch[px + 3 * kTile];
   __syncthreads();
   if (!live) return;
-  const acc_t s = *a.grad * a.mult, eps = static_cast<acc_t>(kEps);
   const acc_t nv = norm_is[px];
   const int64_t h = i / fs.W, w = i % fs.W;
   for (int64_t c = quarter; c < fs.C; c += 4) {
@@ -702,7 +755,7 @@ int64_t prk_forward_workspace(const Tensor4& fs) { return fs.size[0] * fs.size[2
 
 int64_t prk_backward_workspace(const Tensor4& fs) {
   const PrkPlan p = prk_plan(fs);
-  return p.B * p.Cs_pad * p.Npad;
+  return p.Cs_pad == kTile ? 0 : p.B * p.Cs_pad * p.Npad;  // up to 64 channels: in registers
 }
 
 cudaError_t prk_forward(const Tensor4& fs, const Tensor4& ft, double tau, void* workspace, void* lse_s, void* lse_t,
@@ -739,7 +792,10 @@ cudaError_t prk_backward(const void* grad, const Tensor4& fs, const Tensor4& ft,
                         static_cast<const acc_t*>(lse_t), static_cast<const acc_t*>(grad),
                         static_cast<acc_t>(mult), static_cast<acc_t*>(workspace), grad_fs,
                         {grad_fs_stride[0], grad_fs_stride[1], grad_fs_stride[2], grad_fs_stride[3]}};
-    prk_backward_kernel<acc_t><<<grid, kThreads, 0, stream>>>(a);
+    if (p.Cs_pad == kTile)
+      prk_backward_kernel<acc_t, true><<<grid, kThreads, 0, stream>>>(a);
+    else
+      prk_backward_kernel<acc_t, false><<<grid, kThreads, 0, stream>>>(a);
     return cudaGetLastError();
   };
   return fs.dtype == DType::kFloat64 ? launch(1.0) : launch(1.0f);

@@ -52,7 +52,8 @@ cudaError_t prm_backward(const void* grad, const Tensor4& fs, const Tensor4& ft,
                          const void* m_st, void* grad_fs, const int64_t grad_fs_stride[4], cudaStream_t stream);
 
 // Acc elements of the per-row scratch of prk_forward (B * N) and of the gradient scratch of
-// prk_backward (B * round_up(Cs, 64) * round_up(N, 64)).
+// prk_backward (B * round_up(Cs, 64) * round_up(N, 64); none up to 64 student channels, whose
+// gradient rows stay in registers).
 int64_t prk_forward_workspace(const Tensor4& fs);
 int64_t prk_backward_workspace(const Tensor4& fs);
 

@@ -19,6 +19,7 @@ and the upstream gradient is read by the backward kernel from device memory (no 
 from __future__ import annotations
 
 import inspect
+import os
 import struct
 import threading
 from contextlib import contextmanager
@@ -32,14 +33,16 @@ from torch.library import triton_op, wrap_triton
 # float meets a float64 tensor as float32 1e-12 (9.9999998e-13), off by 2e-8 where eps decides.
 _EPS = tl.constexpr(1e-12)
 
-# Precision of float32 x float32 tl.dot products (the tiles of the relation kernels). "ieee" is
-# true fp32 FMA: the pixel-relation KL differences S_s - S_t are tiny near the teacher, where the
-# 10-bit mantissa of plain "tf32" tensor cores would swamp them (so never "tf32"). "tf32x3"
-# (3 TF32 passes, ~2^-21 relative product error) is the faster alternative on Hopper if a
-# benchmark ever says the FMA path is the bottleneck. Float16/bfloat16 tiles go through the
-# tensor cores in their own type (exact products, fp32 accumulation) and float64 tiles through
-# FMA (see _mm). Under TRITON_INTERPRET=1 every tl.dot is a numpy float32 matmul anyway.
-_DOT_PRECISION = tl.constexpr("ieee")
+# Precision of float32 x float32 tl.dot products (pixel-relation KL tiles, logit attention, the
+# relation backward products): "tf32x3", three TF32 tensor-core products (a = a_big + a_small;
+# a_small b_big + a_big b_small + a_big b_big, ~2^-21 relative error per product, fp32
+# accumulation; TF32 needs sm_80 or later: on older GPUs set KDKERNELS_DOT_PRECISION=ieee for fp32
+# FMA). Plain "tf32" (10-bit mantissa) is never used: near the teacher S_s - S_t is tiny and it
+# swamps it (88 of 150 relation and logit-attention tests fail with it). Under TRITON_INTERPRET=1
+# the tests round tl.dot operands as the tensor cores do (tests/tf32_emulation.py): with "tf32x3"
+# every one of them passes at the float32 tolerances. The relation Grams stay float64 FMA (see
+# channel_relation.py): float32-exact products there measured up to 3x eager float32's error.
+_DOT_PRECISION = tl.constexpr(os.environ.get("KDKERNELS_DOT_PRECISION", "tf32x3"))
 
 
 def _interpreted(kernel) -> bool:
@@ -121,7 +124,7 @@ def _mm(a, b, acc):
 
     * acc float64: FMA, as a broadcast product reduced over K (no reliance on fp64 tl.dot, whose
       GPU lowering differs between Triton releases); keep M * K * N small (a few thousand).
-    * acc float32, a and b float32 (or wider): tl.dot with _DOT_PRECISION ("ieee": fp32 FMA).
+    * acc float32, a and b float32 (or wider): tl.dot with _DOT_PRECISION ("tf32x3").
     * acc float32, a float16/bfloat16 (b of the same type): tl.dot on the tensor cores in that
       type; the products of 16-bit floats are exact in fp32 and the accumulation is fp32.
     M, N and K are powers of two, at least 16 for the tl.dot paths. (The interpreter stores

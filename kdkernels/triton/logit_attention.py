@@ -28,10 +28,11 @@ Near the teacher (d = (A_s - A_t) / tau small) the KL is evaluated without cance
 pixel-relation kernels: KL = E_qt[expm1(d) - d] + log1p(v) - v with v = E_qt[expm1(d)], and
 q_s - q_t = q_t expm1(d - (lse_s - lse_t)).
 
-Precision: float32 accumulation (float64 for float64 inputs); the score and dP tiles of float32
-data are fp32 "ieee" products (_common._DOT_PRECISION), 16-bit inputs multiply on the tensor
-cores in their own type where both factors are inputs (exact products, fp32 accumulation). Under
-TRITON_INTERPRET=1 every tl.dot is a numpy float32 matmul.
+Precision: float32 accumulation (float64 for float64 inputs); the tiles of float32 data are
+"tf32x3" tensor-core products (_common._DOT_PRECISION: three TF32 products, ~2^-21 relative
+error each; under TRITON_INTERPRET=1 the tests emulate their rounding), 16-bit inputs multiply on
+the tensor cores in their own type where both factors are inputs (exact products, fp32
+accumulation).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ __all__ = ["logit_attention"]
 # Attention tiles (BLOCK_M, BLOCK_N, BLOCK_D, max BLOCK_DV), float32 accumulation: 32 x 32 score
 # tiles over 16-wide steps of the head dim, A's columns in chunks of up to 128. float64 (FMA
 # broadcast products in _mm): small tiles. From ptxas's sm_90 reports (Triton 3.8), not from
-# timings (no GPU was available): the fp32 "ieee" dots are register-hungry; with 8 warps the
+# timings, with fp32 "ieee" dots (now "tf32x3"): register-hungry; with 8 warps the
 # forward compiles without spills (185 registers) and the backward with 24 bytes (BLOCK_D = 32
 # or 4 warps spill more, BLOCK_DV = 64 would not spill but recomputes the scores twice as
 # often). Retune against benchmarks.

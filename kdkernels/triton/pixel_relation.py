@@ -45,10 +45,10 @@ algebraic route in float64, ||S_s - S_t||_F^2 = ||A A^T||^2 + ||T T^T||^2 - 2 ||
   channel blocks past _MSE_MAX_BLOCK_CO channels, as above).
 
 Precision per path: mse entirely float64 (FMA products, _common._mm); kl tiles float32 products
-(fp32 tl.dot with _common._DOT_PRECISION = "ieee", or 16-bit tensor-core dots of the raw 16-bit
-features, whose products are exact in fp32) scaled in float64, float32 online softmax and row
-terms, float64 sum of the row terms; float64 inputs run everything in float64. Under
-TRITON_INTERPRET=1 every tl.dot is a numpy fp32 matmul.
+(tl.dot with _common._DOT_PRECISION = "tf32x3", three TF32 tensor-core products, or 16-bit
+tensor-core dots of the raw 16-bit features, whose products are exact in fp32) scaled in
+float64, float32 online softmax and row terms, float64 sum of the row terms; float64 inputs run
+everything in float64. Under TRITON_INTERPRET=1 the tests emulate the TF32 rounding.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ __all__ = ["pixel_relation"]
 # step through _KL_BLOCK_K channels at a time. The backward accumulates dA for up to
 # _KL_MAX_BLOCK_CO student channels per program (BLOCK_N halved at 128 channels to keep the
 # registers); more channels take two passes.
-# These sizes come from ptxas register reports for sm_90 (Triton 3.8), not from timings: two
-# fp32 "ieee" (FMA) tile products per step plus the online-softmax state spill heavily at
+# These sizes come from ptxas register reports for sm_90 (Triton 3.8) with fp32 "ieee" (FMA) dots
+# (now "tf32x3"), not from timings: two tile products per step plus the online-softmax state spill heavily at
 # 64 x 64 with 4 warps; 32 x 64 with 8 warps compiles without spills (forward) or with a few
 # hundred bytes (backward, 64 dA channels). Retune against benchmarks.
 _KL_BLOCK = (32, 64)  # (BLOCK_M, BLOCK_N)

@@ -102,6 +102,9 @@ def add_derived(rows: list[dict], roof: dict) -> None:
         else:
             r["gbps"] = r["bytes"] / secs / 1e9 if secs else None
             r["pct_roofline"] = 100 * r["gbps"] / roof["copy_gbps"] if secs else None
+        graph_s = r["graph_ms"] / 1e3 if r.get("graph_ms") else None
+        if graph_s and "flops" not in r:  # the graph-replay time against the copy roofline
+            r["graph_pct_roofline"] = 100 * r["bytes"] / graph_s / 1e9 / roof["copy_gbps"]
         for base in ("torch", "compile"):
             ref = by_key.get((r["op"], r["case"], r["dtype"], r["mode"], base))
             ok = secs and ref and ref["median_ms"]

@@ -73,6 +73,30 @@ def time_per_call(fn, inner: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) / inner
 
 
+def graph_time_per_call(fn, inner: int, device: torch.device) -> tuple[float | None, str | None]:
+    """(seconds per call of `fn` replayed from a CUDA graph, None) on a GPU: the kernels' own
+    time, without the host's launch and Python work; (None, why) where it cannot be captured
+    (eager code that synchronises, say) or off the GPU."""
+    if device.type != "cuda":
+        return None, "no CUDA graphs off the GPU"
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm up off the capture stream, as torch.cuda.graph wants
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        torch.cuda.synchronize(device)
+        return time_per_call(graph.replay, inner, device), None
+    except Exception as exc:  # noqa: BLE001 (a backend that cannot be captured is reported)
+        torch.cuda.synchronize(device)
+        return None, f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
 def warm_and_calibrate(fn, device: torch.device, warmup: int, min_sample_s: float) -> int:
     """Run `fn` `warmup` times, then pick how many calls make one sample last >= min_sample_s."""
     for _ in range(warmup):

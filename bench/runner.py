@@ -146,6 +146,11 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int,
                        "peak_mem_mb": harness.peak_memory_mb(fns[backend][mode], device),
                        "inner": inner[key], "samples_ms": [round(t * 1e3, 4) for t in samples[key]],
                        "oom": None}
+                if device.type == "cuda":  # the kernels alone: one call captured, replayed
+                    graph_s, why = harness.graph_time_per_call(fns[backend][mode], inner[key], device)
+                    row["graph_ms"] = graph_s * 1e3 if graph_s is not None else None
+                    if why:
+                        row["graph_error"] = why
             if predicted[backend] is not None:
                 row["predicted_peak_mb"] = predicted[backend] / 2**20
             rows.append({"backend": backend, "mode": mode, **row})

@@ -12,6 +12,7 @@ from pathlib import Path
 COLUMNS = [  # header, row key, format
     ("op", "op", "{}"), ("case", "case", "{}"), ("backend", "backend", "{}"),
     ("dtype", "dtype", "{}"), ("mode", "mode", "{}"), ("median ms", "median_ms", "{:.3f}"),
+    ("graph ms", "graph_ms", "{:.3f}"), ("graph % roof", "graph_pct_roofline", "{:.1f}"),
     ("peak MB", "peak_mem_mb", "{:.1f}"), ("GB/s", "gbps", "{:.1f}"),
     ("TFLOP/s", "tflops", "{:.3f}"), ("% roof", "pct_roofline", "{:.1f}"),
     ("x torch", "speedup_vs_torch", "{:.2f}"), ("x compile", "speedup_vs_compile", "{:.2f}"),
@@ -20,11 +21,13 @@ EAGER = ("torch", "compile")  # the baselines every other backend is compared wi
 
 
 def format_table(rows: list[dict]) -> str:
-    cells = [[h for h, _, _ in COLUMNS]]
+    # The CUDA-graph columns only where a row has them (GPU records).
+    columns = [c for c in COLUMNS if not c[1].startswith("graph_") or any(r.get(c[1]) for r in rows)]
+    cells = [[h for h, _, _ in columns]]
     for r in rows:
         cells.append(["oom" if k == "median_ms" and r["oom"] else
-                      "-" if r.get(k) is None else fmt.format(r[k]) for _, k, fmt in COLUMNS])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+                      "-" if r.get(k) is None else fmt.format(r[k]) for _, k, fmt in columns])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     text_cols = 5  # left-aligned; the numbers are right-aligned
     lines = ["  ".join(c.ljust(w) if i < text_cols else c.rjust(w)
                        for i, (c, w) in enumerate(zip(row, widths))) for row in cells]

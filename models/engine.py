@@ -39,6 +39,7 @@ class Runtime:
     world: int = 1
     amp: bool = False
     backend: str = "auto"
+    compile_losses: bool = False  # the distillation losses under torch.compile
 
     @property
     def main(self) -> bool:
@@ -191,6 +192,14 @@ def train(net: nn.Module, recipe, split: Split, rt: Runtime, *, epochs: int, bat
     return times
 
 
+def _compiled_kd_loss(recipe):
+    """recipe.kd_loss under torch.compile, compiled once per recipe object (with --backend torch:
+    the eager losses as Inductor fuses them, the baseline the fused kernels are measured against)."""
+    if getattr(recipe, "_compiled_kd_loss", None) is None:
+        recipe._compiled_kd_loss = torch.compile(recipe.kd_loss)
+    return recipe._compiled_kd_loss
+
+
 def _distill_backward(recipe, out, x, y, teacher, modules, rt: Runtime, times: Times) -> torch.Tensor:
     with timed(rt, times, "teacher_forward"), torch.no_grad(), rt.autocast():
         teacher_out = teacher(x)
@@ -198,9 +207,10 @@ def _distill_backward(recipe, out, x, y, teacher, modules, rt: Runtime, times: T
         task = recipe.task_weight * recipe.task_loss(out, y, rt.backend)
     kd_in = recipe.kd_inputs(out)
     leaves = [t.detach().requires_grad_() for t in kd_in]
+    kd_loss = _compiled_kd_loss(recipe) if rt.compile_losses else recipe.kd_loss
     with timed(rt, times, "kd_loss"):
         with rt.autocast():
-            kd = recipe.kd_loss(leaves, teacher_out, modules, y, rt.backend)
+            kd = kd_loss(leaves, teacher_out, modules, y, rt.backend)
         kd.backward()
     fed = [(t, leaf.grad) for t, leaf in zip(kd_in, leaves) if leaf.grad is not None]
     torch.autograd.backward([task] + [t for t, _ in fed], [None] + [g for _, g in fed])

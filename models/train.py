@@ -47,6 +47,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "cuda", "triton"],
                    help="kdkernels backend of every loss op (compare fused vs torch on one run)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--compile-losses", action="store_true",
+                   help="run the distillation losses under torch.compile (with --backend torch: "
+                   "compiled eager PyTorch, the benchmarks' baseline)")
     p.add_argument("--out", help="output folder (default runs/<recipe>)")
     p.add_argument("--quick", action="store_true", help="smoke run: same networks, tiny data and sizes")
     p.add_argument("--teacher", metavar="CKPT", help="reuse a trained teacher (a teacher.pt of a run)")
@@ -141,6 +144,7 @@ def run(args: argparse.Namespace) -> dict:
     recipe = RECIPES[args.recipe]()
     sizes = sizes_for(args, recipe)
     rt = setup_runtime(args.amp, args.backend)
+    rt.compile_losses = args.compile_losses
     check_backend(args.backend, recipe, rt.device)
     out = Path(args.out or f"runs/{recipe.name}")
     if rt.main:
@@ -205,7 +209,8 @@ def run(args: argparse.Namespace) -> dict:
                    "student_epochs": sizes.student_epochs, "batch_size": sizes.batch_size,
                    "lr": {"teacher": recipe.teacher_lr, "student": recipe.lr},
                    "student_steps": plain_times.steps},
-        "backend": args.backend, "amp": args.amp, "world_size": rt.world, "seed": args.seed,
+        "backend": args.backend, "compile_losses": args.compile_losses, "amp": args.amp,
+        "world_size": rt.world, "seed": args.seed,
         "device": str(rt.device),
         "params": {"teacher": count(teacher), "student": count(plain)},
         **scores,

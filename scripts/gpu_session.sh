@@ -83,18 +83,21 @@ gpu_checks() {  # gpu_checks LIMIT PYTEST-ARGS...: the tests, the sanitizers, th
     tests/test_64bit_offsets.py &
   wait
 }
-train() {  # train BACKEND: a few KDAS steps at the benchmark's training size, one epoch each
-  step "train_$1" 75 $PY -m models.train --recipe kdas --image-size 352 --batch-size 16 --amp \
-    --epochs 1 --teacher-epochs 1 --train-samples 160 --test-samples 16 --backend "$1" \
-    --out "$LOGS/train_$1"
+train() {  # train NAME BACKEND [ARGS]: a few KDAS steps at the benchmark's training size
+  local name=$1 backend=$2
+  shift 2
+  step "train_$name" 75 $PY -m models.train --recipe kdas --image-size 352 --batch-size 16 --amp \
+    --epochs 1 --teacher-epochs 1 --train-samples 160 --test-samples 16 --backend "$backend" \
+    --out "$LOGS/train_$name" "$@"
 }
 case $PHASE in
   main)
     build
     step bench_acceptance 200 $PY -m bench --device cuda --cases acceptance_b8,acceptance_96_mse
     step bench_overhead 60 $PY -m bench --device cuda --overhead
-    train auto
-    train torch
+    train auto auto
+    train torch torch
+    train compile torch --compile-losses
     gpu_checks $((BUDGET - (SECONDS - START) - 5)) -m "not slow" tests ;;
   verify)
     build

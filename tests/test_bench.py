@@ -101,3 +101,17 @@ def test_overhead_counts_kernels_and_times_the_host(tmp_path):
         assert cpu["host_us"] > 0 and cpu["mse_us"] > 0 and cpu["ratio_to_mse"] > 0
         assert cpu["kernel_names"][0] == "kdkernels::sgm"
     assert record["settings"]["threads"] == 1 and "loadavg_1_5_15min" in record["settings"]
+
+
+def test_graph_replay_timing_off_the_gpu_and_table_columns():
+    """CUDA-graph replay timing says why there is none off the GPU; the table shows its columns
+    only for rows that have them."""
+    from bench import harness, tables
+
+    assert harness.graph_time_per_call(lambda: None, 3, torch.device("cpu")) == (
+        None, "no CUDA graphs off the GPU")
+    row = {"op": "sgm_loss", "case": "c", "backend": "cuda", "dtype": "float32", "mode": "full",
+           "median_ms": 0.5, "oom": None}
+    assert "graph ms" not in tables.format_table([row])
+    table = tables.format_table([{**row, "graph_ms": 0.125, "graph_pct_roofline": 61.0}])
+    assert "graph ms" in table and "0.125" in table and "61.0" in table

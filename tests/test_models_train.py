@@ -62,9 +62,24 @@ def test_reused_teacher_and_torch_backend(tmp_path):
     assert main(["--recipe", "ltg", *TINY, "--teacher", str(first / "teacher.pt"), "--backend", "torch",
                  "--out", str(second)]) == 0
     a, b = _check(first, "ltg"), _check(second, "ltg")
+    assert not a["compile_losses"]
     assert a["teacher"] == b["teacher"] and b["budget"]["teacher_epochs"] == 0
     # Same seeds, same data order: the plain student does not depend on the backend or the teacher.
     assert a["student_plain"] == b["student_plain"]
+
+
+@pytest.mark.slow
+def test_compiled_losses(tmp_path):
+    """--compile-losses runs the distillation losses under torch.compile: the same training as
+    eager up to compiled rounding."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    common = ["--recipe", "kdas", *TINY, "--backend", "torch"]
+    assert main([*common, "--out", str(eager)]) == 0
+    assert main([*common, "--compile-losses", "--out", str(compiled)]) == 0
+    a, b = _check(eager, "kdas"), _check(compiled, "kdas")
+    assert b["compile_losses"] and not a["compile_losses"]
+    assert a["train_loss_per_epoch"]["student_plain"] == b["train_loss_per_epoch"]["student_plain"]
+    assert abs(a["train_loss_per_epoch"]["student_kd"][0] - b["train_loss_per_epoch"]["student_kd"][0]) < 1e-3
 
 
 @pytest.mark.slow

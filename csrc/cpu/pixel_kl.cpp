@@ -5,9 +5,10 @@
 //
 // A task owns a block of P pixels (P * max(K, 2) about kBlockElems) of the flattened (b, h, w) pixel
 // index, so blocks may straddle samples (that keeps B x K classification logits vectorised).
-// The block's logits are gathered once into K x P float buffers, whatever the layout: NCHW
-// reads contiguous channel rows, channels_last and (B, K) logits read each pixel's contiguous
-// K values. Every later loop runs along the P pixels, so the compiler vectorises them.
+// NCHW float logits are read where they are (each channel row of a block is one run) and the
+// gradient written in place; other layouts and dtypes are gathered once into K x P float buffers
+// (channels_last and (B, K) logits read each pixel's contiguous K values). Every loop runs along
+// the P pixels, so the compiler vectorises them.
 //
 // Precision near the teacher. With d = (zs - zt) / T (an exact difference, then one rounding)
 //   KL = log E_pt[e^d] - E_pt[d] = log1p(E_pt[d] + E_pt[phi(d)]) - E_pt[d],  phi(d) = e^d - 1 - d,
@@ -142,9 +143,10 @@ struct Scratch {
 
 // The per-pixel sums over the Kv channels: maxima ms, mt of the raw logits; ss, st = sum of
 // es, et = exp((z - m) / T) (kept for the gradient); sd = sum et d, sphi = sum et phi(d),
-// dmax = max |d|.
+// dmax = max |d|. Logit c of pixel i is zs[c * lds + i] (zt likewise, ldt): the block's buffers
+// or, for NCHW float inputs, the input itself; es, et are buffers with row stride ld.
 template <typename T>
-KDK_ALWAYS_INLINE void block_sums(const T* __restrict__ zs, const T* __restrict__ zt,
+KDK_ALWAYS_INLINE void block_sums(const T* __restrict__ zs, int64_t lds, const T* __restrict__ zt, int64_t ldt,
                                   T* __restrict__ es, T* __restrict__ et, int64_t Kv, int64_t ld,
                                   int64_t len, T inv_t, T* __restrict__ ms, T* __restrict__ mt,
                                   T* __restrict__ ss, T* __restrict__ st, T* __restrict__ sd,
@@ -156,13 +158,13 @@ KDK_ALWAYS_INLINE void block_sums(const T* __restrict__ zs, const T* __restrict_
   }
   for (int64_t c = 1; c < Kv; ++c)
     for (int64_t i = 0; i < len; ++i) {
-      ms[i] = rel::max_nan_last(zs[c * ld + i], ms[i]);
-      mt[i] = rel::max_nan_last(zt[c * ld + i], mt[i]);
+      ms[i] = rel::max_nan_last(zs[c * lds + i], ms[i]);
+      mt[i] = rel::max_nan_last(zt[c * ldt + i], mt[i]);
     }
   for (int64_t c = 0; c < Kv; ++c)
     for (int64_t i = 0; i < len; ++i) {
       const int64_t e = c * ld + i;
-      const T s = zs[e], t = zt[e];
+      const T s = zs[c * lds + i], t = zt[c * ldt + i];
       const T xs = rel::exp_acc((s - ms[i]) * inv_t), xt = rel::exp_acc((t - mt[i]) * inv_t);
       const T d = (s - t) * inv_t;
       es[e] = xs;
@@ -176,58 +178,66 @@ KDK_ALWAYS_INLINE void block_sums(const T* __restrict__ zs, const T* __restrict_
     }
 }
 
-// es[c * ld + i] = scale * (p_s - p_t) at counted pixels, 0 elsewhere, for c < K.
+// out[c * ldo + i] = scale * (p_s - p_t) at counted pixels, 0 elsewhere, for c < K (out may be
+// es itself, ldo = ld, or the NCHW gradient tensor).
 template <typename T>
-KDK_ALWAYS_INLINE void block_grad(const T* __restrict__ zs, const T* __restrict__ zt,
-                                  T* __restrict__ es, const T* __restrict__ et, int64_t K,
-                                  int64_t ld, int64_t len, T inv_t, T scale,
-                                  const T* __restrict__ delta, const T* __restrict__ inv_ss,
-                                  const T* __restrict__ inv_st,
+KDK_ALWAYS_INLINE void block_grad(const T* __restrict__ zs, int64_t lds, const T* __restrict__ zt, int64_t ldt,
+                                  const T* es, const T* __restrict__ et, int64_t K, int64_t ld, T* out,
+                                  int64_t ldo, int64_t len, T inv_t, T scale, const T* __restrict__ delta,
+                                  const T* __restrict__ inv_ss, const T* __restrict__ inv_st,
                                   const unsigned char* __restrict__ counted) {
   for (int64_t c = 0; c < K; ++c)
     for (int64_t i = 0; i < len; ++i) {
       const int64_t e = c * ld + i;
-      const T x = (zs[e] - zt[e]) * inv_t - delta[i];
+      const T x = (zs[c * lds + i] - zt[c * ldt + i]) * inv_t - delta[i];
       const T pt = et[e] * inv_st[i];
       const T near = pt * (x + rel::phi_small(rel::clamp_unit(x)));  // p_t expm1(x)
       const T far = es[e] * inv_ss[i] - pt;
       const T g = rel::select(std::abs(x) <= T(1), near, far) * scale;
-      es[e] = rel::select(counted[i] != 0, g, T(0));
+      out[c * ldo + i] = rel::select(counted[i] != 0, g, T(0));
     }
 }
 
-KDK_ROW_CLONES void block_sums_f32(const float* zs, const float* zt, float* es, float* et,
-                                   int64_t Kv, int64_t ld, int64_t len, float inv_t, float* ms,
-                                   float* mt, float* ss, float* st, float* sd, float* sphi,
-                                   float* dmax) {
-  block_sums<float>(zs, zt, es, et, Kv, ld, len, inv_t, ms, mt, ss, st, sd, sphi, dmax);
+KDK_ROW_CLONES void block_sums_f32(const float* zs, int64_t lds, const float* zt, int64_t ldt, float* es,
+                                   float* et, int64_t Kv, int64_t ld, int64_t len, float inv_t, float* ms,
+                                   float* mt, float* ss, float* st, float* sd, float* sphi, float* dmax) {
+  block_sums<float>(zs, lds, zt, ldt, es, et, Kv, ld, len, inv_t, ms, mt, ss, st, sd, sphi, dmax);
 }
 
-KDK_ROW_CLONES void block_grad_f32(const float* zs, const float* zt, float* es, const float* et,
-                                   int64_t K, int64_t ld, int64_t len, float inv_t, float scale,
-                                   const float* delta, const float* inv_ss, const float* inv_st,
-                                   const unsigned char* counted) {
-  block_grad<float>(zs, zt, es, et, K, ld, len, inv_t, scale, delta, inv_ss, inv_st, counted);
+KDK_ROW_CLONES void block_grad_f32(const float* zs, int64_t lds, const float* zt, int64_t ldt, const float* es,
+                                   const float* et, int64_t K, int64_t ld, float* out, int64_t ldo, int64_t len,
+                                   float inv_t, float scale, const float* delta, const float* inv_ss,
+                                   const float* inv_st, const unsigned char* counted) {
+  block_grad<float>(zs, lds, zt, ldt, es, et, K, ld, out, ldo, len, inv_t, scale, delta, inv_ss, inv_st, counted);
 }
 
-void run_sums(Scratch<float>& w, int64_t Kv, int64_t len, float inv_t) {
-  block_sums_f32(w.zs.data(), w.zt.data(), w.es.data(), w.et.data(), Kv, w.ld, len, inv_t,
-                 w.ms.data(), w.mt.data(), w.ss.data(), w.st.data(), w.sd.data(), w.sphi.data(),
-                 w.dmax.data());
+// Where the block's logits are read (its buffers, or the input) and its gradient is written.
+template <typename T>
+struct Views {
+  const T* zs;
+  int64_t lds;
+  const T* zt;
+  int64_t ldt;
+  T* out;
+  int64_t ldo;
+};
+
+void run_sums(Scratch<float>& w, const Views<float>& v, int64_t Kv, int64_t len, float inv_t) {
+  block_sums_f32(v.zs, v.lds, v.zt, v.ldt, w.es.data(), w.et.data(), Kv, w.ld, len, inv_t, w.ms.data(),
+                 w.mt.data(), w.ss.data(), w.st.data(), w.sd.data(), w.sphi.data(), w.dmax.data());
 }
-void run_sums(Scratch<double>& w, int64_t Kv, int64_t len, double inv_t) {
-  block_sums<double>(w.zs.data(), w.zt.data(), w.es.data(), w.et.data(), Kv, w.ld, len, inv_t,
-                     w.ms.data(), w.mt.data(), w.ss.data(), w.st.data(), w.sd.data(),
-                     w.sphi.data(), w.dmax.data());
+void run_sums(Scratch<double>& w, const Views<double>& v, int64_t Kv, int64_t len, double inv_t) {
+  block_sums<double>(v.zs, v.lds, v.zt, v.ldt, w.es.data(), w.et.data(), Kv, w.ld, len, inv_t, w.ms.data(),
+                     w.mt.data(), w.ss.data(), w.st.data(), w.sd.data(), w.sphi.data(), w.dmax.data());
 }
 
-void run_grad(Scratch<float>& w, int64_t K, int64_t len, float inv_t, float scale) {
-  block_grad_f32(w.zs.data(), w.zt.data(), w.es.data(), w.et.data(), K, w.ld, len, inv_t, scale,
+void run_grad(Scratch<float>& w, const Views<float>& v, int64_t K, int64_t len, float inv_t, float scale) {
+  block_grad_f32(v.zs, v.lds, v.zt, v.ldt, w.es.data(), w.et.data(), K, w.ld, v.out, v.ldo, len, inv_t, scale,
                  w.delta.data(), w.inv_ss.data(), w.inv_st.data(), w.counted.data());
 }
-void run_grad(Scratch<double>& w, int64_t K, int64_t len, double inv_t, double scale) {
-  block_grad<double>(w.zs.data(), w.zt.data(), w.es.data(), w.et.data(), K, w.ld, len, inv_t,
-                     scale, w.delta.data(), w.inv_ss.data(), w.inv_st.data(), w.counted.data());
+void run_grad(Scratch<double>& w, const Views<double>& v, int64_t K, int64_t len, double inv_t, double scale) {
+  block_grad<double>(v.zs, v.lds, v.zt, v.ldt, w.es.data(), w.et.data(), K, w.ld, v.out, v.ldo, len, inv_t, scale,
+                     w.delta.data(), w.inv_ss.data(), w.inv_st.data(), w.counted.data());
 }
 
 // The per-pixel KL from the block sums, in double; writes delta = lse_s - lse_t and the
@@ -312,26 +322,45 @@ void pixel_kl_blocks(const at::Tensor& zs4, const at::Tensor& zt4, const at::Ten
   const bool* md = masked ? mask3.data_ptr<bool>() : nullptr;
   const T inv_t = static_cast<T>(1.0 / temperature);
   const T scale = static_cast<T>(temperature / count);
+  const bool direct = std::is_same_v<scalar_t, T> && pr.K == pr.Kv;
   at::parallel_for(0, pr.blocks, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> w(pr.Kv, pr.P, pr.ld);
     for (int64_t task = begin; task < end; ++task) {
       const Block blk = block_of(pr, task);
       offsets(ps, blk, w.off_s.data());
       offsets(pt, blk, w.off_t.data());
-      gather(zsd, ps, blk, w.off_s.data(), pr.K, pr.Kv, pr.ld, w.zs.data());
-      gather(ztd, pt, blk, w.off_t.data(), pr.K, pr.Kv, pr.ld, w.zt.data());
+      // NCHW float inputs are read in place (each channel row of the block is one run); other
+      // layouts, dtypes and the binary case (a zero second logit) are gathered into buffers.
+      Views<T> v{w.zs.data(), pr.ld, w.zt.data(), pr.ld, w.es.data(), pr.ld};
+      if (direct && unit_run(ps, blk)) {
+        v.zs = reinterpret_cast<const T*>(zsd) + w.off_s[0];
+        v.lds = ps.sC;
+      } else {
+        gather(zsd, ps, blk, w.off_s.data(), pr.K, pr.Kv, pr.ld, w.zs.data());
+      }
+      if (direct && unit_run(pt, blk)) {
+        v.zt = reinterpret_cast<const T*>(ztd) + w.off_t[0];
+        v.ldt = pt.sC;
+      } else {
+        gather(ztd, pt, blk, w.off_t.data(), pr.K, pr.Kv, pr.ld, w.zt.data());
+      }
       if (masked) {
         offsets(pm, blk, w.off_m.data());
         for (int64_t i = 0; i < blk.len; ++i) w.counted[i] = md[w.off_m[i]] ? 1 : 0;
       } else {
         std::fill(w.counted.begin(), w.counted.begin() + blk.len, 1);
       }
-      run_sums(w, pr.Kv, blk.len, inv_t);
+      run_sums(w, v, pr.Kv, blk.len, inv_t);
       partial[task] = block_kl(w, blk.len, 1.0 / temperature);
       if (need_grad) {
-        run_grad(w, pr.K, blk.len, inv_t, scale);
         offsets(pg, blk, w.off_g.data());
-        scatter(w.es.data(), pg, blk, w.off_g.data(), pr.K, pr.ld, gd);
+        const bool in_place = direct && unit_run(pg, blk);
+        if (in_place) {
+          v.out = reinterpret_cast<T*>(gd) + w.off_g[0];
+          v.ldo = pg.sC;
+        }
+        run_grad(w, v, pr.K, blk.len, inv_t, scale);
+        if (!in_place) scatter(w.es.data(), pg, blk, w.off_g.data(), pr.K, pr.ld, gd);
       }
     }
   });

@@ -53,7 +53,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="output folder (default runs/<recipe>)")
     p.add_argument("--quick", action="store_true", help="smoke run: same networks, tiny data and sizes")
     p.add_argument("--teacher", metavar="CKPT", help="reuse a trained teacher (a teacher.pt of a run)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="initial weights and batch order (and the synthetic data, unless --data-seed)")
+    p.add_argument("--data-seed", type=int,
+                   help="the synthetic data and the held-out split alone (default: --seed)")
     return p.parse_args(argv)
 
 
@@ -151,7 +154,8 @@ def run(args: argparse.Namespace) -> dict:
         out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    data = datasets.load(recipe.task, args.data, args.test_data, sizes.image_size, args.seed,
+    data_seed = args.seed if args.data_seed is None else args.data_seed
+    data = datasets.load(recipe.task, args.data, args.test_data, sizes.image_size, data_seed,
                          (sizes.train, sizes.test))
     if len(data.train) < sizes.batch_size:
         raise UsageError(f"{len(data.train)} training samples: fewer than --batch-size {sizes.batch_size}")
@@ -210,7 +214,7 @@ def run(args: argparse.Namespace) -> dict:
                    "lr": {"teacher": recipe.teacher_lr, "student": recipe.lr},
                    "student_steps": plain_times.steps},
         "backend": args.backend, "compile_losses": args.compile_losses, "amp": args.amp,
-        "world_size": rt.world, "seed": args.seed,
+        "world_size": rt.world, "seed": args.seed, "data_seed": data_seed,
         "device": str(rt.device),
         "params": {"teacher": count(teacher), "student": count(plain)},
         **scores,

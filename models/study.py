@@ -33,6 +33,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="output folder (default runs/study)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny data and budgets")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "cuda", "triton"])
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the teacher and the seeds an interrupted study of the same settings finished")
     return p.parse_args(argv)
 
 
@@ -85,13 +87,12 @@ def run(args: argparse.Namespace) -> dict:
     common = ["--recipe", args.recipe, "--data-seed", "0", "--backend", args.backend, *quick]
     teacher = args.teacher
     if teacher is None:  # seed 0 trains the teacher (and a pair that is not one of the study's)
-        first = trainer.run(trainer.parse([*common, "--seed", "0", "--out", str(work / "teacher")]))
+        first = _run(args, [*common, "--seed", "0"], work / "teacher")
         teacher = str(work / "teacher" / "teacher.pt")
         teacher_value = first["teacher"][METRIC[recipe.task]]
     pairs, runs = [], []
     for seed in range(1, args.seeds + 1):
-        m = trainer.run(trainer.parse([*common, "--seed", str(seed), "--teacher", teacher,
-                                       "--out", str(work / f"seed{seed}")]))
+        m = _run(args, [*common, "--seed", str(seed), "--teacher", teacher], work / f"seed{seed}")
         key = METRIC[recipe.task]
         pairs.append({"seed": seed, "plain": m["student_plain"][key], "kd": m["student_kd"][key]})
         runs.append({"seed": seed, "student_plain": m["student_plain"], "student_kd": m["student_kd"],
@@ -114,6 +115,15 @@ def run(args: argparse.Namespace) -> dict:
           f"positive, {'a gain' if s['gain'] else 'no gain'} by the protocol; {record['time_s']:.0f} s")
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return record
+
+
+def _run(args, train_args: list[str], out: Path) -> dict:
+    """One models.train run into `out`, or with --resume the metrics it already wrote there."""
+    done = out / "metrics.json"
+    if args.resume and done.exists():
+        print(f"reusing {done}")
+        return json.loads(done.read_text())
+    return trainer.run(trainer.parse([*train_args, "--out", str(out)]))
 
 
 def _commit() -> str | None:

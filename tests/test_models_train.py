@@ -82,6 +82,11 @@ def test_study_pairs_share_one_teacher_and_the_data(tmp_path):
         assert m["budget"]["teacher_epochs"] == 0 and m["data_seed"] == 0 and m["seed"] == seed
         assert m["teacher"]["accuracy"] == record["teacher"]
     assert (tmp_path / "ltg.png").stat().st_size > 0
+    # --resume reuses what an interrupted study finished: the same record, nothing retrained.
+    (tmp_path / "ltg.json").unlink()
+    assert study(["--recipe", "ltg", "--quick", "--seeds", "2", "--out", str(tmp_path), "--resume"]) == 0
+    again = json.loads((tmp_path / "ltg.json").read_text())
+    assert again["pairs"] == record["pairs"] and again["teacher"] == record["teacher"]
     stats = paired_stats([{"seed": 1, "plain": 0.5, "kd": 0.6}, {"seed": 2, "plain": 0.5, "kd": 0.7},
                           {"seed": 3, "plain": 0.5, "kd": 0.62}, {"seed": 4, "plain": 0.5, "kd": 0.65},
                           {"seed": 5, "plain": 0.5, "kd": 0.58}])

@@ -38,15 +38,10 @@ namespace {
 using namespace rel;
 
 constexpr int64_t kMinChunk = 256;  // pixels per split at least
-// Enough blocks for two waves on a 132-SM H100; a fixed number, so the chunking (and with it
-// the rounding) depends on the sizes alone.
-constexpr int64_t kTargetBlocks = 264;
 
 struct CrPlan {
   int64_t B, C, N, nt, splits, chunk;
 };
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 CrPlan cr_plan(const Tensor4& fs) {
   CrPlan p;
@@ -167,14 +162,7 @@ __global__ void __launch_bounds__(kThreads) cr_gram(GramArgs a) {
     multiply_chunk(As, Bs, ty, tx, acc);
     __syncthreads();
   }
-  double* out = a.w.part + slab * p.C * p.C;
-#pragma unroll
-  for (int r = 0; r < kMicro; ++r)
-#pragma unroll
-    for (int c = 0; c < kMicro; ++c) {
-      const int64_t i = i0 + ty * kMicro + r, j = j0 + tx * kMicro + c;
-      if (i < p.C && j < p.C) out[i * p.C + j] = acc[r][c];
-    }
+  store_tile(a.w.part + slab * p.C * p.C, p.C, i0, j0, ty, tx, acc);
 }
 
 template <typename acc_t>

@@ -50,10 +50,6 @@ namespace {
 
 using namespace rel;
 
-constexpr int64_t kTargetBlocks = 264;  // two waves on a 132-SM H100; fixed, so the chunking is too
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t round_up(int64_t a, int64_t m) { return ceil_div(a, m) * m; }
 
 // ---------------------------------------------------------------------------------------------
 // "mse"
@@ -133,14 +129,7 @@ __global__ void __launch_bounds__(kThreads) prm_gram(PrmGramArgs a) {
       __syncthreads();
     }
   }
-  double* out = a.part + (split * p.B + b) * p.R * p.R;
-#pragma unroll
-  for (int r = 0; r < kMicro; ++r)
-#pragma unroll
-    for (int c = 0; c < kMicro; ++c) {
-      const int64_t i = i0 + ty * kMicro + r, j = j0 + tx * kMicro + c;
-      if (i < p.R && j < p.R) out[i * p.R + j] = acc[r][c];
-    }
+  store_tile(a.part + (split * p.B + b) * p.R * p.R, p.R, i0, j0, ty, tx, acc);
 }
 
 // Block-wide fixed-order sum of one double per thread (a tree over `red`); every thread gets it.
@@ -526,6 +515,19 @@ struct PrkBwdArgs {
   int64_t o[4];
 };
 
+// The row log-sum-exps of the 4 pixels first .. first + 3 of sample b (0 past N, valid[] false).
+template <typename acc_t>
+__device__ __forceinline__ void load_lse(const acc_t* lse_s, const acc_t* lse_t, int64_t b, int64_t N, int64_t first,
+                                         bool (&valid)[kMicro], acc_t (&ls)[kMicro], acc_t (&lt)[kMicro]) {
+#pragma unroll
+  for (int q = 0; q < kMicro; ++q) {
+    const int64_t i = first + q;
+    valid[q] = i < N;
+    ls[q] = valid[q] ? lse_s[b * N + i] : acc_t(0);
+    lt[q] = valid[q] ? lse_t[b * N + i] : acc_t(0);
+  }
+}
+
 constexpr int kLdH = kTile + 1;  // Ht's row stride: odd, so its transposed stores spread over the banks
 
 // One block per (sample, 64-row block I), looping over the column blocks J:
@@ -559,13 +561,7 @@ __global__ void __launch_bounds__(kThreads) prk_backward_kernel(PrkBwdArgs<acc_t
 
   acc_t lsi[kMicro], lti[kMicro];
   bool vi[kMicro];
-#pragma unroll
-  for (int r = 0; r < kMicro; ++r) {
-    const int64_t i = i0 + ty * kMicro + r;
-    vi[r] = i < p.N;
-    lsi[r] = vi[r] ? a.lse_s[b * p.N + i] : acc_t(0);
-    lti[r] = vi[r] ? a.lse_t[b * p.N + i] : acc_t(0);
-  }
+  load_lse(a.lse_s, a.lse_t, b, p.N, i0 + ty * kMicro, vi, lsi, lti);
   const int sc = by_row_row(t), sj = by_row_k(t);  // dA staging: channel, 4 consecutive columns
   acc_t kept[kMicro][kMicro];  // RESIDENT: dA_I, (channel 4 ty + r, row i0 + 4 tx + q)
   zero(kept);
@@ -583,13 +579,7 @@ __global__ void __launch_bounds__(kThreads) prk_backward_kernel(PrkBwdArgs<acc_t
       gram_tile(ft, b, i0, j0, den_it, den_jt, oit, ojt, As, HB, st);
       acc_t lsj[kMicro], ltj[kMicro];
       bool vj[kMicro];
-#pragma unroll
-      for (int c = 0; c < kMicro; ++c) {
-        const int64_t j = j0 + tx * kMicro + c;
-        vj[c] = j < p.N;
-        lsj[c] = vj[c] ? a.lse_s[b * p.N + j] : acc_t(0);
-        ltj[c] = vj[c] ? a.lse_t[b * p.N + j] : acc_t(0);
-      }
+      load_lse(a.lse_s, a.lse_t, b, p.N, j0 + tx * kMicro, vj, lsj, ltj);
 #pragma unroll
       for (int r = 0; r < kMicro; ++r)
 #pragma unroll

@@ -24,6 +24,12 @@ constexpr int kThreads = kGrid * kGrid;
 constexpr int kBK = 16;         // depth of one staged chunk of the reduction
 constexpr int kLd = kTile + 4;  // padded shared row: fewer bank conflicts on transposed stores
 constexpr double kEps = 1e-12;  // the L2-normalisation epsilon (F.normalize's default)
+// Split-K blocks aimed at: two waves on a 132-SM H100. A fixed number, so the chunking (and with
+// it the rounding) depends on the sizes alone.
+constexpr int64_t kTargetBlocks = 264;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t m) { return ceil_div(a, m) * m; }
 static_assert(kThreads == 256 && kBK * kTile == 4 * kThreads, "each thread stages 4 elements per chunk");
 
 // A (B, C, H, W) input as the kernels read it: element (b, c, n), n = h * W + w, through its
@@ -109,6 +115,20 @@ __device__ __forceinline__ void multiply_chunk(const acc_t* As, const acc_t* Bs,
 #pragma unroll
       for (int c = 0; c < kMicro; ++c) acc[r][c] += av[r] * bv[c];
   }
+}
+
+// out[i][j] = acc for this thread's 4 x 4 micro-tile of the 64 x 64 tile at (i0, j0) of an
+// n x n row-major matrix, inside the matrix only.
+template <typename acc_t>
+__device__ __forceinline__ void store_tile(double* out, int64_t n, int64_t i0, int64_t j0, int ty, int tx,
+                                           const acc_t (&acc)[kMicro][kMicro]) {
+#pragma unroll
+  for (int r = 0; r < kMicro; ++r)
+#pragma unroll
+    for (int c = 0; c < kMicro; ++c) {
+      const int64_t i = i0 + ty * kMicro + r, j = j0 + tx * kMicro + c;
+      if (i < n && j < n) out[i * n + j] = acc[r][c];
+    }
 }
 
 // Staging maps for one chunk (kBK x 64 = 4 elements per thread):

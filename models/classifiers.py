@@ -32,6 +32,15 @@ class TeacherEnsemble(nn.ModuleList):
 
     def __init__(self, num_classes: int, names=LTG_TEACHERS):
         super().__init__(TimmClassifier(name, num_classes) for name in names)
+        self.names = list(names)
+
+    def keep(self, members: list[int]) -> None:
+        """Keep only these teachers (indices, in this order): an ensemble chosen on validation data."""
+        kept = [(self.names[i], self[i]) for i in members]
+        for i in reversed(range(len(self))):
+            del self[i]
+        self.extend(net for _, net in kept)
+        self.names = [name for name, _ in kept]
 
     def forward(self, x):
         return [teacher(x) for teacher in self]

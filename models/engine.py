@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.utils._pytree as pytree
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -28,6 +29,7 @@ IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 # Polyp-PVT's and KDAS's trainers clamp every gradient element to +-0.5.
 WEIGHT_DECAY, CLIP_VALUE, WARMUP_FRACTION = 1e-4, 0.5, 0.05
+IGNORE_LABEL = -100  # F.cross_entropy's ignore_index: an unlabelled sample
 
 
 @dataclass
@@ -96,14 +98,29 @@ def batches(n: int, batch_size: int, seed: int, epoch: int, rt: Runtime):
 
 def augment(x: torch.Tensor, y: torch.Tensor, task: str, seed: int):
     """Random horizontal and vertical flips per sample, drawn from `seed` (so two runs that share
-    seeds see the same batches); masks flip with their images."""
+    seeds see the same batches); masks flip with their images. Returns (x, y, flips), flips[i] the
+    sample's flip state: 1 if flipped along the width, + 2 if along the height."""
     gen = torch.Generator().manual_seed(seed)
-    for dim in (-1, -2):
-        flip = (torch.rand(len(x), generator=gen) < 0.5).view(-1, 1, 1, 1).to(x.device)
+    flips = torch.zeros(len(x), dtype=torch.long)
+    for bit, dim in ((1, -1), (2, -2)):
+        drawn = torch.rand(len(x), generator=gen) < 0.5
+        flips += bit * drawn
+        flip = drawn.view(-1, 1, 1, 1).to(x.device)
         x = torch.where(flip, x.flip(dim), x)
         if task == "segmentation":
             y = torch.where(flip, y.flip(dim), y)
-    return x, y
+    return x, y, flips
+
+
+def flip_state(x: torch.Tensor, state: int) -> torch.Tensor:
+    """x flipped as augment's flip state `state` says."""
+    dims = [d for bit, d in ((1, -1), (2, -2)) if state & bit]
+    return x.flip(dims) if dims else x
+
+
+def labelled_only(out, y: torch.Tensor, keep: torch.Tensor):
+    """The network output and targets of the batch's labelled samples (every tensor in `out`)."""
+    return pytree.tree_map(lambda t: t[keep], out), y[keep]
 
 
 @dataclass
@@ -149,9 +166,13 @@ def _average_gradients(module: nn.Module, world: int) -> None:
 
 def train(net: nn.Module, recipe, split: Split, rt: Runtime, *, epochs: int, batch_size: int,
           seed: int, desc: str, lr: float, loss_fn=None, teacher: nn.Module | None = None,
-          kd_modules: nn.Module | None = None) -> Times:
+          kd_modules: nn.Module | None = None, teacher_cache=None,
+          labelled: torch.Tensor | None = None) -> Times:
     """Trains `net` in place: on loss_fn(out, y, backend) alone, or, given `teacher`, on the
-    recipe's task and distillation losses."""
+    recipe's task and distillation losses. teacher_cache (a TeacherCache of `split`) replaces the
+    teacher's forward by a lookup. labelled (bool per sample of `split`): the task loss sees only
+    those samples' labels, the distillation losses every sample (semi-supervised distillation); a
+    plain student skips the batches without a labelled sample."""
     net.train()
     extra = kd_modules if kd_modules is not None else nn.ModuleList()
     extra.train()
@@ -169,16 +190,23 @@ def train(net: nn.Module, recipe, split: Split, rt: Runtime, *, epochs: int, bat
         for step, idx in steps:
             x = to_input(split.x[idx], rt.device)
             y = to_target(split.y[idx], recipe.task, rt.device)
-            x, y = augment(x, y, recipe.task, seed * 1_000_003 + epoch * 10_007 + step)
+            x, y, flips = augment(x, y, recipe.task, seed * 1_000_003 + epoch * 10_007 + step)
+            keep = None if labelled is None else labelled[idx].to(rt.device)
+            if teacher is None and keep is not None and not keep.any():
+                optimizer.step()  # no gradients: updates nothing, keeps the schedule in step
+                scheduler.step()
+                continue
             with timed(rt, times, "step"):
                 with rt.autocast():
                     out = model(x)
                 if teacher is None:
                     with rt.autocast():
-                        loss = loss_fn(out, y, rt.backend)
+                        loss = loss_fn(*_task_view(out, y, keep), rt.backend)
                     loss.backward()
                 else:
-                    loss = _distill_backward(recipe, out, x, y, teacher, extra, rt, times)
+                    teacher_out = (teacher_cache.lookup(idx, flips, rt.device) if teacher_cache is not None
+                                   else teacher)
+                    loss = _distill_backward(recipe, out, x, y, keep, teacher_out, extra, rt, times)
                 if rt.world > 1 and kd_modules is not None:
                     _average_gradients(extra, rt.world)
                 torch.nn.utils.clip_grad_value_(params, CLIP_VALUE)
@@ -192,6 +220,10 @@ def train(net: nn.Module, recipe, split: Split, rt: Runtime, *, epochs: int, bat
     return times
 
 
+def _task_view(out, y, keep):
+    return (out, y) if keep is None or keep.all() else labelled_only(out, y, keep)
+
+
 def _compiled_kd_loss(recipe):
     """recipe.kd_loss under torch.compile, compiled once per recipe object (with --backend torch:
     the eager losses as Inductor fuses them, the baseline the fused kernels are measured against)."""
@@ -200,11 +232,20 @@ def _compiled_kd_loss(recipe):
     return recipe._compiled_kd_loss
 
 
-def _distill_backward(recipe, out, x, y, teacher, modules, rt: Runtime, times: Times) -> torch.Tensor:
-    with timed(rt, times, "teacher_forward"), torch.no_grad(), rt.autocast():
-        teacher_out = teacher(x)
-    with rt.autocast():
-        task = recipe.task_weight * recipe.task_loss(out, y, rt.backend)
+def _distill_backward(recipe, out, x, y, keep, teacher, modules, rt: Runtime, times: Times) -> torch.Tensor:
+    """teacher: the frozen network, or its outputs for this batch (looked up in a TeacherCache)."""
+    if isinstance(teacher, nn.Module):
+        with timed(rt, times, "teacher_forward"), torch.no_grad(), rt.autocast():
+            teacher_out = teacher(x)
+    else:
+        teacher_out = teacher
+    if keep is not None and not keep.any():
+        task = torch.zeros((), device=x.device)
+    else:
+        with rt.autocast():
+            task = recipe.task_weight * recipe.task_loss(*_task_view(out, y, keep), rt.backend)
+    if keep is not None and recipe.task == "classification":
+        y = y.masked_fill(~keep, IGNORE_LABEL)  # label-reading modules (LTG's fusion) skip these
     kd_in = recipe.kd_inputs(out)
     leaves = [t.detach().requires_grad_() for t in kd_in]
     kd_loss = _compiled_kd_loss(recipe) if rt.compile_losses else recipe.kd_loss
@@ -213,5 +254,7 @@ def _distill_backward(recipe, out, x, y, teacher, modules, rt: Runtime, times: T
             kd = kd_loss(leaves, teacher_out, modules, y, rt.backend)
         kd.backward()
     fed = [(t, leaf.grad) for t, leaf in zip(kd_in, leaves) if leaf.grad is not None]
-    torch.autograd.backward([task] + [t for t, _ in fed], [None] + [g for _, g in fed])
+    if task.requires_grad:
+        fed.insert(0, (task, None))
+    torch.autograd.backward([t for t, _ in fed], [g for _, g in fed])
     return task.detach() + kd.detach()

@@ -98,8 +98,10 @@ def load_teacher(path: str, recipe: Recipe, teacher: torch.nn.Module) -> None:
         raise UsageError(f"{path}: no such file (expected a teacher.pt written by models.train)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if ckpt.get("recipe") != recipe.name:
-            raise UsageError(f"{path}: a {ckpt.get('recipe')} checkpoint (expected {recipe.name})")
+        owner = RECIPES.get(ckpt.get("recipe"))
+        if owner is None or owner.teacher_network != recipe.teacher_network:
+            raise UsageError(f"{path}: a {ckpt.get('recipe')} checkpoint (expected a {recipe.teacher_network} "
+                             f"teacher, as {recipe.name} uses)")
         teacher.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, KeyError, AttributeError, EOFError, pickle.UnpicklingError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

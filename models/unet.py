@@ -1,8 +1,8 @@
 """The HLFD/CPKD pair: a UNet++ teacher on a ResNet-34 encoder and a UNet student on ResNet-18.
 
 Both take their encoders from timm (pretrained=False) and return a `Stages` record: the logits at
-input size plus the encoder stages (strides 4, 8, 16, 32) and the decoder stages (strides 16, 8, 4,
-2), which is what HLFD's feature and pixel levels and CPKD's relations read.
+input size plus the encoder stages e1..e5 (strides 2, 4, 8, 16, 32) and the decoder stages d5..d2
+(strides 16, 8, 4, 2), which is what HLFD's feature and pixel levels and CPKD's relations read.
 """
 
 from __future__ import annotations
@@ -13,13 +13,18 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 
 
 @dataclass
 class Stages:
     logits: torch.Tensor          # B x 1 x H x W
-    encoder: list[torch.Tensor]   # strides 4, 8, 16, 32
-    decoder: list[torch.Tensor]   # strides 16, 8, 4, 2
+    encoder: list[torch.Tensor]   # e1..e5: strides 2, 4, 8, 16, 32
+    decoder: list[torch.Tensor]   # d5..d2: strides 16, 8, 4, 2
+
+
+# A pytree node: the trainer slices and caches network outputs tensor by tensor.
+pytree.register_dataclass(Stages)
 
 
 class ConvBlock(nn.Sequential):
@@ -65,7 +70,7 @@ class UNetPlusPlus(nn.Module):
                 grid[i, j] = self.nodes[f"{i}_{j}"](torch.cat(inputs, 1))
         logits = F.interpolate(self.head(grid[0, 4]), size=x.shape[-2:], mode="bilinear")
         # The decoder path proper: the last node of each level (strides 16, 8, 4, 2).
-        return Stages(logits, feats[1:], [grid[3, 1], grid[2, 2], grid[1, 3], grid[0, 4]])
+        return Stages(logits, feats, [grid[3, 1], grid[2, 2], grid[1, 3], grid[0, 4]])
 
 
 class UNet(nn.Module):
@@ -87,7 +92,7 @@ class UNet(nn.Module):
             y = block(torch.cat((_up(y, skip), skip), 1))
             decoder.append(y)
         logits = F.interpolate(self.head(y), size=x.shape[-2:], mode="bilinear")
-        return Stages(logits, feats[1:], decoder)
+        return Stages(logits, feats, decoder)
 
 
 def hlfd_teacher() -> UNetPlusPlus:

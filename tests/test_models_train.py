@@ -69,33 +69,6 @@ def test_reused_teacher_and_torch_backend(tmp_path):
 
 
 @pytest.mark.slow
-def test_study_pairs_share_one_teacher_and_the_data(tmp_path):
-    from models.study import main as study, paired_stats
-
-    assert study(["--recipe", "ltg", "--quick", "--seeds", "2", "--out", str(tmp_path)]) == 0
-    record = json.loads((tmp_path / "ltg.json").read_text())
-    assert record["recipe"] == "ltg" and record["metric"] == "accuracy"
-    assert [p["seed"] for p in record["pairs"]] == [1, 2]
-    assert all(set(p) == {"seed", "plain", "kd"} for p in record["pairs"])
-    for seed in (1, 2):  # every pair reused the seed-0 teacher on the seed-0 data
-        m = json.loads((tmp_path / "ltg" / f"seed{seed}" / "metrics.json").read_text())
-        assert m["budget"]["teacher_epochs"] == 0 and m["data_seed"] == 0 and m["seed"] == seed
-        assert m["teacher"]["accuracy"] == record["teacher"]
-    assert (tmp_path / "ltg.png").stat().st_size > 0
-    # --resume reuses what an interrupted study finished: the same record, nothing retrained.
-    (tmp_path / "ltg.json").unlink()
-    assert study(["--recipe", "ltg", "--quick", "--seeds", "2", "--out", str(tmp_path), "--resume"]) == 0
-    again = json.loads((tmp_path / "ltg.json").read_text())
-    assert again["pairs"] == record["pairs"] and again["teacher"] == record["teacher"]
-    stats = paired_stats([{"seed": 1, "plain": 0.5, "kd": 0.6}, {"seed": 2, "plain": 0.5, "kd": 0.7},
-                          {"seed": 3, "plain": 0.5, "kd": 0.62}, {"seed": 4, "plain": 0.5, "kd": 0.65},
-                          {"seed": 5, "plain": 0.5, "kd": 0.58}])
-    assert stats["positive"] == 5 and stats["gain"] and abs(stats["mean"] - 0.13) < 1e-12
-    assert not paired_stats([{"seed": s, "plain": 0.5, "kd": 0.5 + d} for s, d in
-                             enumerate([0.1, -0.1, 0.05, -0.05, 0.01])])["gain"]
-
-
-@pytest.mark.slow
 def test_compiled_losses(tmp_path):
     """--compile-losses runs the distillation losses under torch.compile: the same training as
     eager up to compiled rounding."""

@@ -65,6 +65,9 @@ _GRAM_WARPS = 4
 _GRAM_TARGET_PROGRAMS = 512
 # Tail: BR rows of the C x C matrices at a time, all columns (padded to a power of two).
 _TAIL_ELEMS = 2048
+# 8 warps: the kl tail's ten live float64 tiles then fit in registers (4 spilled ~0.9-1.3 kB per
+# thread block in Triton 3.8's sm_90 build).
+_TAIL_WARPS = 8
 # Backward: [BLOCK_CO, BLOCK_N] output tiles, BLOCK_K channels per tl.dot step (BLOCK_CO and
 # BLOCK_K shrink to the next power of two >= C, at least 16). float64 uses FMA products
 # (BLOCK_CO x BLOCK_K x BLOCK_N = 8192 per step). Sizes and warps from ptxas register reports
@@ -388,7 +391,7 @@ def _channel_relation_fwd(
     bcol = _pow2(C, 16, 1 << 30)
     _launch(_cr_tail_kernel)[(B,)](
         part, stat, _bits(tau), grad_gram, gs, row_stats, term, B, C, splits, _bits(coef),
-        SOFTMAX=softmax, KL=kl, BR=max(1, _TAIL_ELEMS // bcol), BCOL=bcol, num_warps=4,
+        SOFTMAX=softmax, KL=kl, BR=max(1, _TAIL_ELEMS // bcol), BCOL=bcol, num_warps=_TAIL_WARPS,
     )
     return _finish(term, scale, acc), grad_gram, row_stats, gs
 

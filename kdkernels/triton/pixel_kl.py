@@ -275,9 +275,12 @@ def _as_maps(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x if x.dim() == dim else x[..., None, None]
 
 
-def _tile(kv: int) -> tuple[int, int]:
+def _tile(kv: int, itemsize: int) -> tuple[int, int]:
+    """(BLOCK_K, BLOCK_P): float64 tiles hold half the elements (a 32 x 64 float64 tile spilled
+    256 bytes on sm_90)."""
     block_k = triton.next_power_of_2(min(kv, _MAX_TILE_K))
-    return block_k, min(_MAX_BLOCK_P, _TILE_ELEMS // block_k)
+    elems = _TILE_ELEMS if itemsize <= 4 else _TILE_ELEMS // 2
+    return block_k, min(_MAX_BLOCK_P, elems // block_k)
 
 
 def _pixel_kl_forward(
@@ -297,7 +300,7 @@ def _pixel_kl_forward(
     m3 = zs4 if mask is None else _as_maps(mask, 3).view(torch.uint8)  # zs4: unused
     unit = torch.empty_like(zs) if need_grad else zs.new_empty((0,))
     g4 = _as_maps(unit, 4) if need_grad else zs4
-    block_k, block_p = _tile(kv)
+    block_k, block_p = _tile(kv, acc.itemsize)
     grid = (triton.cdiv(B * N, block_p),)
     partial = torch.empty(grid, dtype=acc, device=zs.device)
     counts = torch.empty(grid, dtype=torch.int32, device=zs.device)

@@ -85,13 +85,16 @@ __all__ = ["pixel_relation"]
 # step through _KL_BLOCK_K channels at a time. The backward accumulates dA for up to
 # _KL_MAX_BLOCK_CO student channels per program (BLOCK_N halved at 128 channels to keep the
 # registers); more channels take two passes.
-# These sizes come from ptxas register reports for sm_90 (Triton 3.8) with fp32 "ieee" (FMA) dots
-# (now "tf32x3"), not from timings: two tile products per step plus the online-softmax state spill heavily at
-# 64 x 64 with 4 warps; 32 x 64 with 8 warps compiles without spills (forward) or with a few
-# hundred bytes (backward, 64 dA channels). Retune against benchmarks.
+# These sizes come from the ptxas register reports of Triton 3.8's sm_90 builds ("tf32x3" dots),
+# not from timings (tests/triton_compile_check.py holds every launch to its spill budget): two
+# tile products per step plus the online-softmax state spill heavily at 64 x 64 with 4 warps;
+# 32 x 64 with 8 warps compiles without spills in the forward, the backward needs 32 x 32 (at
+# 32 x 64 it spilled 232 bytes), and K steps of 16 channels where the channels do not stay
+# resident (at 32 the forward spilled 160 bytes). Retune against benchmarks.
 _KL_BLOCK = (32, 64)  # (BLOCK_M, BLOCK_N)
+_KL_BWD_BLOCK_N = 32
 _KL_RESIDENT_K = 64
-_KL_BLOCK_K = 32
+_KL_BLOCK_K = 16
 _KL_MAX_BLOCK_CO = 128
 _KL_WARPS = (8, 8)  # (forward, backward)
 # float64 (FMA products, see _common._mm): small tiles.
@@ -106,6 +109,9 @@ _GRAM_TARGET_PROGRAMS = 512
 _MSE_MAX_BLOCK_CO = 128
 _MSE_BWD_ELEMS = 8192
 _MSE_BWD_BLOCK_K = 4
+# 8 warps keep the backward's float64 [pixels, k, channels] products in registers (4 spilled up to
+# 704 bytes in Triton 3.8's sm_90 build).
+_MSE_BWD_WARPS = 8
 _NUM_WARPS = 4
 
 
@@ -667,8 +673,7 @@ def _pixel_relation_kl_bwd(
     acc = lse_s.dtype
     gx = torch.empty_like(fs)
     cfg, bwd = _kl_config(Cs, Ct, acc)
-    if bwd["BLOCK_CO"] > 64:  # keep the [BLOCK_N, BLOCK_CO] column tiles in registers
-        cfg = dict(cfg, BLOCK_N=cfg["BLOCK_N"] // 2)
+    cfg = dict(cfg, BLOCK_N=min(cfg["BLOCK_N"], _KL_BWD_BLOCK_N))
     sB, sC, sH, sW, sN, sflat = _strides(fs)
     tB, tC, tH, tW, tN, tflat = _strides(ft)
     gB, gC, gH, gW, gN, gflat = _strides(gx)
@@ -758,7 +763,7 @@ def _pixel_relation_mse_bwd(
             tB, tC, tH, tW, tN,
             gB, gC, gH, gW, gN,
             SFLAT=sflat, TFLAT=tflat, GFLAT=gflat, TWO_PASS=Cs > block_co,
-            BLOCK_N=block_n, BLOCK_CO=block_co, BLOCK_K=block_k, num_warps=_NUM_WARPS,
+            BLOCK_N=block_n, BLOCK_CO=block_co, BLOCK_K=block_k, num_warps=_MSE_BWD_WARPS,
         )
     return gx
 

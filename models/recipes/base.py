@@ -28,6 +28,8 @@ class Recipe:
     name: str
     task: str                 # "segmentation" or "classification"
     ops: tuple[str, ...]      # the kdkernels ops it calls
+    terms: tuple[str, ...]    # its distillation terms, each runnable alone (term ablations)
+    teacher_network: str      # recipes naming the same one share teacher checkpoints
     task_weight = 1.0         # weight of the task loss while distilling
     lr = 1e-3                 # AdamW peak learning rate of the students
     teacher_lr = 1e-3
@@ -62,7 +64,23 @@ class Recipe:
         """The student tensors the distillation loss reads."""
         raise NotImplementedError
 
+    def __init__(self, terms: tuple[str, ...] | None = None, kd_scale: float = 1.0):
+        """terms: the distillation terms to run (default all: the faithful recipe); kd_scale: a
+        factor on all of them (1: the recipe's own weights)."""
+        unknown = set(terms or ()) - set(self.terms)
+        if unknown:
+            raise ValueError(f"terms {sorted(unknown)}: not distillation terms of {self.name} "
+                             f"(expected some of {list(self.terms)})")
+        self.active = tuple(terms) if terms else self.terms
+        self.kd_scale = kd_scale
+
+    def kd_terms(self, student: list[torch.Tensor], teacher_out, modules: nn.Module, y,
+                 backend: str) -> dict[str, torch.Tensor]:
+        """The active distillation terms, each weighted as the recipe defines it, from kd_inputs'
+        tensors (as leaves) and the teacher's output; inactive terms are not computed."""
+        raise NotImplementedError
+
     def kd_loss(self, student: list[torch.Tensor], teacher_out, modules: nn.Module, y,
                 backend: str) -> torch.Tensor:
-        """The weighted distillation terms, from kd_inputs' tensors (as leaves) and the teacher's output."""
-        raise NotImplementedError
+        loss = sum(self.kd_terms(student, teacher_out, modules, y, backend).values())
+        return loss if self.kd_scale == 1.0 else self.kd_scale * loss

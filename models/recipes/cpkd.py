@@ -23,7 +23,9 @@ STAGES = (0, 1)  # decoder stages at strides 16 and 8
 class CPKD(Recipe):
     name = "cpkd"
     task = "segmentation"
+    teacher_network = "UNet++ (ResNet-34)"
     ops = ("channel_relation_loss", "pixel_relation_loss")
+    terms = ("channel", "pixel")
     lr = 1e-3
     default = Sizes(train=320, test=80, image_size=128, batch_size=8, teacher_epochs=6,
                     student_epochs=3)
@@ -47,10 +49,13 @@ class CPKD(Recipe):
     def kd_inputs(self, out):
         return [out.decoder[i] for i in STAGES]
 
-    def kd_loss(self, student, t, modules, y, backend):
-        loss = 0.0
-        for adapter, s, i in zip(modules, student, STAGES):
-            fs, ft = adapter(s), t.decoder[i]
-            loss = loss + CHANNEL_WEIGHT * kdk.channel_relation_loss(fs, ft, backend=backend)
-            loss = loss + PIXEL_WEIGHT * kdk.pixel_relation_loss(fs, ft, backend=backend)
-        return loss
+    def kd_terms(self, student, t, modules, y, backend):
+        pairs = [(adapter(s), t.decoder[i]) for adapter, s, i in zip(modules, student, STAGES)]
+        terms = {}
+        if "channel" in self.active:
+            terms["channel"] = CHANNEL_WEIGHT * sum(kdk.channel_relation_loss(fs, ft, backend=backend)
+                                                    for fs, ft in pairs)
+        if "pixel" in self.active:
+            terms["pixel"] = PIXEL_WEIGHT * sum(kdk.pixel_relation_loss(fs, ft, backend=backend)
+                                                for fs, ft in pairs)
+        return terms

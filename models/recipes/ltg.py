@@ -5,6 +5,8 @@ H = W = 1) + hint MSE (student embedding, through a linear adapter, against the 
 the teachers' embeddings) + relation (the batch's pairwise cosine-similarity matrix of the student
 embeddings against that of the fused embedding, through pixel_relation_loss on a 1 x D x B x 1
 view). The fusion trains alongside with a cross-entropy head of its own (see AttentionFusion).
+The paper studies the three families as separate frameworks: each runs alone as a term
+("response", "feature", "relation"); the fusion trains whenever a term reads it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 
 import kdkernels as kdk
 from models.classifiers import AttentionFusion, TeacherEnsemble, TinyStudent
+from models.engine import IGNORE_LABEL
 from models.recipes.base import Recipe, Sizes
 
 KL_T = 4.0
@@ -29,7 +32,9 @@ def _as_pixels(emb: torch.Tensor) -> torch.Tensor:
 class LTG(Recipe):
     name = "ltg"
     task = "classification"
+    teacher_network = "ResNet-18 + EfficientNet-B0 + MobileNetV3 ensemble"
     ops = ("pixel_kl_loss", "pixel_relation_loss")
+    terms = ("response", "feature", "relation")
     lr = 2e-3
     teacher_lr = 1e-3
     default = Sizes(train=640, test=160, image_size=64, batch_size=32, teacher_epochs=16,
@@ -62,15 +67,25 @@ class LTG(Recipe):
     def kd_inputs(self, out):
         return list(out)
 
-    def kd_loss(self, student, teacher_out, modules, y, backend):
+    def kd_terms(self, student, teacher_out, modules, y, backend):
         logits, emb = student
-        fused, fused_logits = modules["fusion"]([e for _, e in teacher_out])
-        target = fused.detach()  # the fusion learns from the labels, not from the student
-        # Its classifier head lets the fused embedding's scale grow without bound (the hint MSE
-        # reached ~800 and swamped CE): the hint matches the layer-normalised embedding instead.
-        response = kdk.pixel_kl_loss(logits, self.teacher_logits(teacher_out), temperature=KL_T,
-                                     backend=backend)
-        hint = F.mse_loss(modules["hint"](emb), F.layer_norm(target, target.shape[-1:]))
-        relation = kdk.pixel_relation_loss(_as_pixels(emb), _as_pixels(target), backend=backend)
-        return (F.cross_entropy(fused_logits, y) + RESPONSE_WEIGHT * response
-                + HINT_WEIGHT * hint + RELATION_WEIGHT * relation)
+        terms = {}
+        if "response" in self.active:
+            terms["response"] = RESPONSE_WEIGHT * kdk.pixel_kl_loss(
+                logits, self.teacher_logits(teacher_out), temperature=KL_T, backend=backend)
+        if "feature" in self.active or "relation" in self.active:
+            fused, fused_logits = modules["fusion"]([e for _, e in teacher_out])
+            target = fused.detach()  # the fusion learns from the labels, not from the student
+            # Mean over the labelled samples (semi-supervised runs mark the others IGNORE_LABEL),
+            # without a data-dependent branch so the loss compiles as one graph.
+            terms["fusion"] = (F.cross_entropy(fused_logits, y, ignore_index=IGNORE_LABEL, reduction="sum")
+                               / (y != IGNORE_LABEL).sum().clamp(min=1))
+        if "feature" in self.active:
+            # Its classifier head lets the fused embedding's scale grow without bound (the hint MSE
+            # reached ~800 and swamped CE): the hint matches the layer-normalised embedding instead.
+            terms["feature"] = HINT_WEIGHT * F.mse_loss(modules["hint"](emb),
+                                                        F.layer_norm(target, target.shape[-1:]))
+        if "relation" in self.active:
+            terms["relation"] = RELATION_WEIGHT * kdk.pixel_relation_loss(
+                _as_pixels(emb), _as_pixels(target), backend=backend)
+        return terms

@@ -30,6 +30,7 @@ IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 # Polyp-PVT's and KDAS's trainers clamp every gradient element to +-0.5.
 WEIGHT_DECAY, CLIP_VALUE, WARMUP_FRACTION = 1e-4, 0.5, 0.05
 IGNORE_LABEL = -100  # F.cross_entropy's ignore_index: an unlabelled sample
+FLIPS = ((1, -1), (2, -2))  # (bit of a flip state, the dimension it flips): width, height
 
 
 @dataclass
@@ -102,7 +103,7 @@ def augment(x: torch.Tensor, y: torch.Tensor, task: str, seed: int):
     sample's flip state: 1 if flipped along the width, + 2 if along the height."""
     gen = torch.Generator().manual_seed(seed)
     flips = torch.zeros(len(x), dtype=torch.long)
-    for bit, dim in ((1, -1), (2, -2)):
+    for bit, dim in FLIPS:
         drawn = torch.rand(len(x), generator=gen) < 0.5
         flips += bit * drawn
         flip = drawn.view(-1, 1, 1, 1).to(x.device)
@@ -114,7 +115,7 @@ def augment(x: torch.Tensor, y: torch.Tensor, task: str, seed: int):
 
 def flip_state(x: torch.Tensor, state: int) -> torch.Tensor:
     """x flipped as augment's flip state `state` says."""
-    dims = [d for bit, d in ((1, -1), (2, -2)) if state & bit]
+    dims = [d for bit, d in FLIPS if state & bit]
     return x.flip(dims) if dims else x
 
 

@@ -31,7 +31,7 @@ import torch
 from models import datasets
 from models import train as trainer
 from models.engine import Runtime, setup_runtime, train
-from models.evaluate import evaluate
+from models.evaluate import evaluate, predict
 from models.recipes import RECIPES, Recipe, Sizes
 from models.teacher_cache import TeacherCache
 
@@ -191,8 +191,6 @@ def run_job(plan: Plan, job: Job) -> dict:
 
 @torch.no_grad()
 def _ensemble_accuracy(teacher, split: datasets.Split, rt: Runtime, batch_size: int) -> dict[str, float]:
-    from models.evaluate import predict
-
     members = range(len(teacher))
     per_member = [[] for _ in members]
     labels = []
@@ -202,9 +200,14 @@ def _ensemble_accuracy(teacher, split: datasets.Split, rt: Runtime, batch_size: 
             per_member[i].append(outs[i])
         labels.append(y)
     logits, y = [torch.cat(m) for m in per_member], torch.cat(labels)
-    return {",".join(map(str, subset)): (torch.stack([logits[i] for i in subset]).mean(0).argmax(1) == y)
+    return {_subset_key(subset): (torch.stack([logits[i] for i in subset]).mean(0).argmax(1) == y)
             .float().mean().item()
             for r in range(1, len(logits) + 1) for subset in itertools.combinations(members, r)}
+
+
+def _subset_key(members) -> str:
+    """An ensemble's key in the teacher job's accuracies: its member indices, ascending."""
+    return ",".join(map(str, members))
 
 
 def choose_members(subsets: dict[str, float]) -> tuple[tuple[int, ...], list[dict]]:
@@ -214,9 +217,9 @@ def choose_members(subsets: dict[str, float]) -> tuple[tuple[int, ...], list[dic
     chosen, tried = [singles[0]], [{"members": [singles[0]], "validation": subsets[str(singles[0])]}]
     for i in singles[1:]:
         candidate = sorted(chosen + [i])
-        value = subsets[",".join(map(str, candidate))]
+        value = subsets[_subset_key(candidate)]
         tried.append({"members": candidate, "validation": value})
-        if value > subsets[",".join(map(str, sorted(chosen)))]:
+        if value > subsets[_subset_key(sorted(chosen))]:
             chosen = candidate
     return tuple(sorted(chosen)), tried
 
@@ -306,6 +309,7 @@ def run(args: argparse.Namespace) -> dict:
     work = out / args.recipe
     work.mkdir(parents=True, exist_ok=True)
     plan = Plan(args.recipe, sizes, args.backend, str(work))
+    data = splits(sizes, recipe.task)
     metric, ensemble_tried = METRIC[recipe.task], []
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.workers, mp_context=context, initializer=_worker_init,
@@ -353,8 +357,7 @@ def run(args: argparse.Namespace) -> dict:
         "ensemble_tried": ensemble_tried, "members": list(plan.members) if plan.members is not None else None,
         "networks": {k: {"validation": v.get("validation"), "test": v.get("test"), "time_s": v.get("time_s")}
                      for k, v in sorted(done.items())},
-        "budget": asdict(sizes) | {"fit": len(splits(sizes, recipe.task).fit),
-                                   "validation": len(splits(sizes, recipe.task).validation)},
+        "budget": asdict(sizes) | {"fit": len(data.fit), "validation": len(data.validation)},
         "teacher_outputs_cached": (work / "teacher_outputs.pt").exists(),
         "backend": args.backend, "quick": args.quick, "workers": args.workers, "threads_per_worker": 1,
         "commit": _commit(), "torch": torch.__version__, "time_s": time.perf_counter() - start,

@@ -22,9 +22,10 @@ IDS = [f"{b}-{d}" for b, d in TARGETS]
 HAS_CPU = "cpu" in fused_backends(OP, "cpu")
 
 # Odd sizes, B = 1, K = 1 and 3, 3-D maps, a single row or column, more rows than one Triton row
-# block (32), and a map wider than the Triton kernels' 128-column chunks.
+# block (16), a KDAS-like width past 256 (one Triton column chunk) and a map wider than one
+# chunk (512 columns: the scores are recomputed per chunk).
 SHAPES = [(2, 1, 7, 9), (1, 3, 5, 11), (3, 13, 6), (2, 3, 1, 4), (1, 1, 9, 1), (1, 2, 37, 20),
-          (1, 1, 12, 150)]
+          (1, 1, 12, 150), (1, 1, 19, 353), (1, 2, 3, 530)]
 # CPU only (the interpreter would take minutes): more rows than one CPU row block (64), one map
 # (the maps run one after the other, each phase parallel over row blocks) and several (whole maps
 # per thread).
@@ -81,12 +82,14 @@ def test_layouts(backend, device, layout):
 
 @pytest.mark.parametrize("backend,device", TARGETS, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_low_precision(backend, device, dtype):
+@pytest.mark.parametrize("shape", [(2, 2, 13, 10), (1, 1, 5, 300)], ids=str)
+def test_low_precision(backend, device, dtype, shape):
     # The reference upcasts the same half-precision values to float32, so the losses agree to
-    # float32 accuracy; the gradient is rounded once to the input dtype.
+    # float32 accuracy; the gradient is rounded once to the input dtype. The wide map takes the
+    # Triton kernels' map-wide (512-column) tiles.
     if backend == "triton" and dtype == torch.bfloat16 and device == "cpu":
         pytest.skip("the Triton interpreter has no real bfloat16")
-    ps, pt = random_pair((2, 2, 13, 10), (2, 2, 13, 10), device, dtype=dtype, seed=5)
+    ps, pt = random_pair(shape, shape, device, dtype=dtype, seed=5)
     loss, grad = loss_and_grad(_fused(backend), ps, pt)
     ref_loss, ref_grad = loss_and_grad(kdk.reference.logit_attention_loss, ps, pt)
     assert loss.dtype == torch.float32 and grad.dtype == dtype

@@ -253,6 +253,18 @@ def test_pixel_channel_counts(backend, device, channels):
         _check(PR, backend, fs, ft, distance=distance, tau=0.5)
 
 
+@pytest.mark.parametrize("backend,device", PR_TARGETS, ids=PR_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("channels", [100, 200, 300])
+def test_pixel_kl_student_channel_blocks(backend, device, dtype, channels):
+    """The kl backward's student channels in 64-channel blocks: 2 and 4 (kept in registers by the
+    CUDA kernel in float32) and 5 (its scratch route, which float64 takes above 64)."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("float64 Triton tiles take minutes in the interpreter (float32 covers them)")
+    fs, ft = random_pair((2, channels, 5, 7), (2, 6, 5, 7), device, dtype=dtype, seed=channels)
+    _check(PR, backend, fs, ft, distance="kl", tau=0.5)
+
+
 @pytest.mark.skipif(not HAS_CPU, reason="no CPU extension")
 @pytest.mark.parametrize("channels", [64, 130, 512])
 def test_many_channels_cpu(channels):

@@ -19,14 +19,18 @@
 //    online softmax for both rows; writes lse_s, lse_t and each row's KL bracket; finish_sum
 //    adds the brackets;
 //  - prk_backward: the same tiles recomputed, H_IJ = Gm_IJ + Gm_JI^T (S is symmetric, so both
-//    come from one tile), dA_I += A_J H_IJ^T into the rows of a scratch that only this block
-//    touches (written on the first column block: no zero fill, no atomics), and the
+//    come from one tile), dA_I += A_J H_IJ^T kept in registers across the column blocks (up to
+//    256 student channels in float32, 64 in float64; above, in the rows of a scratch that only
+//    this block touches, written on the first column block: no zero fill, no atomics), and the
 //    pixel-normalisation backward as the epilogue.
 //
-// Precision of "kl": the tile products are FP32 FMAs (FP64 for float64 inputs), never TF32 or
-// bf16 tensor cores: near the teacher S_s - S_t is tiny and TF32's 10-bit mantissa (relative
-// error ~5e-4 per product) would swamp it. Each row's KL bracket is formed in the accumulation
-// type before any cross-row sum and centred on the teacher's arg-max column k (see RowState):
+// Precision of "kl": the Gram tiles of float32 inputs are 3xTF32 tensor-core products on sm_80 and
+// later (mma_tf32.cuh: ~2^-21 relative error per product, as FP32 FMA; plain TF32's ~5e-4 would
+// swamp S_s - S_t near the teacher: 38 of the emulated accuracy tests fail with it), FP32 FMA on
+// older GPUs and FP64 FMA for float64 inputs; dA_I += A_J H_IJ^T stays an FMA product in the
+// accumulation type, in the micro-tiles the epilogue works in. Each row's KL bracket is formed in
+// the accumulation type before any cross-row sum and centred on the teacher's arg-max column k
+// (see RowState):
 //   KL_i = log1p(sum_j p_t expm1(u_j)) - sum_j p_t u_j,   u_j = d_j - d_k,  d = (S_s - S_t) / tau,
 // which equals the contract's sum_j p_t (S_t - S_s) / tau + lse_s - lse_t but does not cancel
 // catastrophically when the student is close to the teacher: lse_s and lse_t are ~log N + 1/tau
@@ -42,6 +46,7 @@
 #include <type_traits>
 
 #include "cuda/finish_kernel.h"
+#include "cuda/mma_tf32.cuh"
 #include "cuda/relation_tiles.cuh"
 
 namespace kdk {
@@ -294,17 +299,76 @@ __device__ __forceinline__ void stage_offsets(const Feat& f, int64_t n0, int64_t
   for (int q = 0; q < kMicro; ++q) off[q] = n0 + p + q < f.N ? pixel_offset(f, n0 + p + q) : 0;
 }
 
+// float32 Gram tiles on the tensor cores (3xTF32, mma_tf32.cuh) where the GPU has TF32 (sm_80 and
+// later; the CPU emulation too); FP32 FMA before sm_80, FP64 FMA for float64 inputs.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+constexpr bool kTf32Tiles = true;
+#else
+constexpr bool kTf32Tiles = false;
+#endif
+constexpr int kLdX = kTile + 1;  // the exchange tile's row stride (see frag_to_micro)
+
+// The staged chunk's contribution to one warp's part of the 64 x 64 tile, As[k][i] Bs[k][j] over
+// kBK channels k, as 3xTF32 tensor-core products: warp w owns rows 16 (w / 2) .. + 15 and columns
+// 32 (w % 2) .. + 31, four m16n8 tiles (frag[n]: columns 8 n + ...) in mma_tf32's layout.
+__device__ __forceinline__ void mma_chunk(const float* As, const float* Bs, float (&frag)[4][4]) {
+  const int lane = threadIdx.x % 32, w = threadIdx.x / 32, g = lane / 4, q = lane % 4;
+  const int m0 = (w / 2) * 16 + g, n0 = (w % 2) * 32 + g;
+  auto split = [](float x, uint32_t& big, uint32_t& small) {
+    big = tf32_round(x);
+    small = tf32_round(x - __uint_as_float(big));
+  };
+#pragma unroll
+  for (int k = 0; k < kBK; k += 8) {
+    uint32_t ab[4], as[4];
+    split(As[(k + q) * kLd + m0], ab[0], as[0]);
+    split(As[(k + q) * kLd + m0 + 8], ab[1], as[1]);
+    split(As[(k + q + 4) * kLd + m0], ab[2], as[2]);
+    split(As[(k + q + 4) * kLd + m0 + 8], ab[3], as[3]);
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+      uint32_t bb[2], bs[2];
+      split(Bs[(k + q) * kLd + n0 + 8 * n], bb[0], bs[0]);
+      split(Bs[(k + q + 4) * kLd + n0 + 8 * n], bb[1], bs[1]);
+      mma_tf32(frag[n], as, bb);  // the small terms first
+      mma_tf32(frag[n], ab, bs);
+      mma_tf32(frag[n], ab, bb);
+    }
+  }
+}
+
+// The tile from the warps' mma fragments to each thread's 4 x 4 micro-tile (rows 4 ty + r,
+// columns 4 tx + c), the layout the softmax code works in, through X (64 x kLdX floats).
+__device__ __forceinline__ void frag_to_micro(const float (&frag)[4][4], float* X, float (&acc)[kMicro][kMicro]) {
+  const int t = threadIdx.x, lane = t % 32, w = t / 32, g = lane / 4, q = lane % 4;
+  const int m0 = (w / 2) * 16 + g, n0 = (w % 2) * 32 + 2 * q;
+  __syncthreads();  // X's previous readers (and the last chunk's readers, when X is a stage) are done
+#pragma unroll
+  for (int n = 0; n < 4; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) X[(m0 + 8 * (i / 2)) * kLdX + n0 + 8 * n + i % 2] = frag[n][i];
+  __syncthreads();
+  const int ty = t / kGrid, tx = t % kGrid;
+#pragma unroll
+  for (int r = 0; r < kMicro; ++r)
+#pragma unroll
+    for (int c = 0; c < kMicro; ++c) acc[r][c] = X[(ty * kMicro + r) * kLdX + tx * kMicro + c];
+}
+
 // acc[r][c] = S[i0 + 4 ty + r, j0 + 4 tx + c] for one input: the sum over channels of the
 // normalised pixels, staged as they load (den_i / den_j: the tiles' pixel-norm denominators;
 // off_i / off_j: this thread's staging offsets). Starts with a barrier, so the caller may reuse
-// As / Bs right before calling.
+// As / Bs right before calling. X: the exchange tile of the tensor-core route (float32; it may be
+// Bs if that holds 64 x kLdX values).
 template <typename acc_t>
 __device__ __forceinline__ void gram_tile(const Feat& f, int64_t b, int64_t i0, int64_t j0, const acc_t* den_i,
                                           const acc_t* den_j, const int64_t (&off_i)[kMicro],
-                                          const int64_t (&off_j)[kMicro], acc_t* As, acc_t* Bs,
+                                          const int64_t (&off_j)[kMicro], acc_t* As, acc_t* Bs, acc_t* X,
                                           acc_t (&acc)[kMicro][kMicro]) {
+  constexpr bool kMma = kTf32Tiles && std::is_same<acc_t, float>::value;
   const int t = threadIdx.x, ty = t / kGrid, tx = t % kGrid;
   const int sk = by_col_k(t), sp = by_col_col(t);
+  float frag[4][4] = {};
   zero(acc);
   for (int64_t c0 = 0; c0 < f.C; c0 += kBK) {
     const int64_t c = c0 + sk;
@@ -317,8 +381,12 @@ __device__ __forceinline__ void gram_tile(const Feat& f, int64_t b, int64_t i0, 
       Bs[sk * kLd + sp + q] = cj ? load<acc_t>(f, row + off_j[q]) / den_j[sp + q] : acc_t(0);
     }
     __syncthreads();
-    multiply_chunk(As, Bs, ty, tx, acc);
+    if constexpr (kMma)
+      mma_chunk(As, Bs, frag);
+    else
+      multiply_chunk(As, Bs, ty, tx, acc);
   }
+  if constexpr (kMma) frag_to_micro(frag, X, acc);
 }
 
 // Online state of one row, flash-attention style, over the columns seen so far:
@@ -398,6 +466,7 @@ __global__ void __launch_bounds__(kThreads) prk_forward_kernel(PrkArgs<acc_t> a)
   __shared__ acc_t Bs[kBK * kLd];
   __shared__ acc_t scratch[kThreads];
   __shared__ acc_t den_is[kTile], den_it[kTile], den_js[kTile], den_jt[kTile];
+  __shared__ acc_t X[std::is_same<acc_t, float>::value ? kTile * kLdX : 1];  // gram_tile's exchange
   const PrkPlan& p = a.p;
   const int t = threadIdx.x, ty = t / kGrid, tx = t % kGrid;
   const int64_t b = blockIdx.x / p.row_blocks, i0 = (blockIdx.x % p.row_blocks) * kTile;
@@ -421,8 +490,8 @@ __global__ void __launch_bounds__(kThreads) prk_forward_kernel(PrkArgs<acc_t> a)
     stage_offsets(a.fs, j0, ojs);
     stage_offsets(a.ft, j0, ojt);
     acc_t ss[kMicro][kMicro], st[kMicro][kMicro];
-    gram_tile(a.fs, b, i0, j0, den_is, den_js, ois, ojs, As, Bs, ss);
-    gram_tile(a.ft, b, i0, j0, den_it, den_jt, oit, ojt, As, Bs, st);
+    gram_tile(a.fs, b, i0, j0, den_is, den_js, ois, ojs, As, Bs, X, ss);
+    gram_tile(a.ft, b, i0, j0, den_it, den_jt, oit, ojt, As, Bs, X, st);
     __syncthreads();  // den_js / den_jt are rewritten by the next column block
     const int64_t nv = p.N - (j0 + tx * kMicro);  // this thread's real columns: min(nv, 4)
     if (nv <= 0) continue;
@@ -530,23 +599,57 @@ __device__ __forceinline__ void load_lse(const acc_t* lse_s, const acc_t* lse_t,
 
 constexpr int kLdH = kTile + 1;  // Ht's row stride: odd, so its transposed stores spread over the banks
 
+// Register-resident dA_I: how many 64-channel blocks of it one thread keeps (16 values each) for
+// sizes up to kKeptMax blocks; above, the blocks go through the scratch. float64 keeps one block
+// (a second would exceed 255 registers); float32 up to four (256 channels).
+template <typename acc_t>
+constexpr int kKeptMax = sizeof(acc_t) == 8 ? 1 : 4;
+
+// acc += A[cc .. cc + 63, J] H_IJ^T: one 64-channel block of dA_I from column block J (Ht staged
+// in HB), A staged through As in kBK-column chunks, normalised as it loads.
+template <typename acc_t>
+__device__ __forceinline__ void accumulate_dA(const Feat& fs, int64_t b, int64_t j0, int64_t N, int64_t cc,
+                                              const acc_t* den_js, acc_t* As, const acc_t* HB,
+                                              acc_t (&acc)[kMicro][kMicro]) {
+  const int t = threadIdx.x, ty = t / kGrid, tx = t % kGrid;
+  const int sc = by_row_row(t), sj = by_row_k(t);  // staging: channel, 4 consecutive columns
+  const int64_t c = cc + sc;
+  const int64_t row = b * fs.sB + c * fs.sC;
+  for (int jk = 0; jk < kTile; jk += kBK) {
+    __syncthreads();  // Ht is published (first pass); the previous readers of As are done
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int64_t j = j0 + jk + sj + q;
+      As[(sj + q) * kLd + sc] =
+          (c < fs.C && j < N) ? load<acc_t>(fs, row + pixel_offset(fs, j)) / den_js[jk + sj + q] : acc_t(0);
+    }
+    __syncthreads();
+    multiply_chunk<acc_t, kLd, kLdH>(As, HB + jk * kLdH, ty, tx, acc);
+  }
+}
+
 // One block per (sample, 64-row block I), looping over the column blocks J:
 //   H_IJ[i][j] = (p_s - p_t)[i][j] (with lse of row i) + (p_s - p_t)[j][i] (with lse of row j; S is
 //   symmetric so S[j][i] = S[i][j] comes from the same tile),
-//   dA[:, I] += A[:, J] H_IJ^T, in channel chunks of 64 (a 4 x 4 micro-tile of (channel, row) per
-//   thread) written (first J) or read-modify-written in the scratch by their single owner thread;
+//   dA[:, I] += A[:, J] H_IJ^T, in channel blocks of 64 (a 4 x 4 micro-tile of (channel, row) per
+//   thread);
 // then the pixel-normalisation backward of the block's 64 pixels.
 //
-// RESIDENT (at most 64 student channels, the CPKD decoder's): the block's whole dA_I is one 4 x 4
-// micro-tile per thread, kept in registers across the column blocks; no scratch is read or
-// written and the epilogue works from the registers.
-template <typename acc_t, bool RESIDENT>
-__global__ void __launch_bounds__(kThreads) prk_backward_kernel(PrkBwdArgs<acc_t> a) {
+// KEPT > 0 (up to KEPT x 64 student channels: the CPKD decoders' 64 and 128): the block's whole
+// dA_I stays in registers across the column blocks, each thread KEPT micro-tiles; no scratch is
+// read or written and the epilogue works from the registers. KEPT = 0: each channel block's
+// micro-tile is written (first J) or read-modify-written in the scratch by its single owner.
+//
+// __launch_bounds__ with a minimum of 1 block per SM, so that ptxas may use up to 255 registers:
+// left to itself it holds the scratch route to 128 (two blocks per SM) and spills ~150 bytes in
+// the tile loop.
+template <typename acc_t, int KEPT>
+__global__ void __launch_bounds__(kThreads, 1) prk_backward_kernel(PrkBwdArgs<acc_t> a) {
   __shared__ acc_t As[kBK * kLd];  // gram tiles: A[c, I]; dA phase: As[j][c] = A[cc + c, j0 + jk + j]
   __shared__ acc_t HB[kTile * kLdH];  // gram tiles: the second stage; dA phase: Ht[j][i] = H_IJ[i][j]
   __shared__ acc_t scratch[kThreads];
   __shared__ acc_t den_is[kTile], den_it[kTile], norm_is[kTile], den_js[kTile], den_jt[kTile], dot[kTile];
-  static_assert(kBK * kLd <= kTile * kLdH, "HB holds a stage");
+  static_assert(kBK * kLd <= kTile * kLdH && kLdX <= kLdH, "HB holds a stage and the exchange tile");
   const PrkPlan& p = a.p;
   const Feat &fs = a.fs, &ft = a.ft;
   const int t = threadIdx.x, ty = t / kGrid, tx = t % kGrid;
@@ -562,9 +665,9 @@ __global__ void __launch_bounds__(kThreads) prk_backward_kernel(PrkBwdArgs<acc_t
   acc_t lsi[kMicro], lti[kMicro];
   bool vi[kMicro];
   load_lse(a.lse_s, a.lse_t, b, p.N, i0 + ty * kMicro, vi, lsi, lti);
-  const int sc = by_row_row(t), sj = by_row_k(t);  // dA staging: channel, 4 consecutive columns
-  acc_t kept[kMicro][kMicro];  // RESIDENT: dA_I, (channel 4 ty + r, row i0 + 4 tx + q)
-  zero(kept);
+  acc_t kept[KEPT > 0 ? KEPT : 1][kMicro][kMicro];  // dA_I, (channel 64 k + 4 ty + r, row i0 + 4 tx + q)
+#pragma unroll
+  for (int k = 0; k < KEPT; ++k) zero(kept[k]);
 
   for (int64_t j0 = 0; j0 < p.N; j0 += kTile) {
     pixel_norms(fs, b, j0, scratch, den_js, static_cast<acc_t*>(nullptr));
@@ -575,8 +678,8 @@ __global__ void __launch_bounds__(kThreads) prk_backward_kernel(PrkBwdArgs<acc_t
     acc_t h[kMicro][kMicro];
     {
       acc_t ss[kMicro][kMicro], st[kMicro][kMicro];
-      gram_tile(fs, b, i0, j0, den_is, den_js, ois, ojs, As, HB, ss);
-      gram_tile(ft, b, i0, j0, den_it, den_jt, oit, ojt, As, HB, st);
+      gram_tile(fs, b, i0, j0, den_is, den_js, ois, ojs, As, HB, HB, ss);
+      gram_tile(ft, b, i0, j0, den_it, den_jt, oit, ojt, As, HB, HB, st);
       acc_t lsj[kMicro], ltj[kMicro];
       bool vj[kMicro];
       load_lse(a.lse_s, a.lse_t, b, p.N, j0 + tx * kMicro, vj, lsj, ltj);
@@ -597,24 +700,15 @@ __global__ void __launch_bounds__(kThreads) prk_backward_kernel(PrkBwdArgs<acc_t
 #pragma unroll
       for (int c = 0; c < kMicro; ++c) HB[(tx * kMicro + c) * kLdH + ty * kMicro + r] = h[r][c];
 
-    for (int64_t cc = 0; cc < p.Cs_pad; cc += kTile) {
-      acc_t fresh[kMicro][kMicro];  // (channel cc + 4 ty + r, row i0 + 4 tx + q)
-      zero(fresh);
-      acc_t (&acc)[kMicro][kMicro] = RESIDENT ? kept : fresh;
-      const int64_t c = cc + sc;
-      const int64_t row = b * fs.sB + c * fs.sC;
-      for (int jk = 0; jk < kTile; jk += kBK) {
-        __syncthreads();  // Ht is published (first pass); the previous readers of As are done
+    if constexpr (KEPT > 0) {
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int64_t j = j0 + jk + sj + q;
-          As[(sj + q) * kLd + sc] =
-              (c < fs.C && j < p.N) ? load<acc_t>(fs, row + pixel_offset(fs, j)) / den_js[jk + sj + q] : acc_t(0);
-        }
-        __syncthreads();
-        multiply_chunk<acc_t, kLd, kLdH>(As, HB + jk * kLdH, ty, tx, acc);
-      }
-      if (!RESIDENT) {
+      for (int k = 0; k < KEPT; ++k)
+        if (k * kTile < p.Cs_pad) accumulate_dA(fs, b, j0, p.N, int64_t{k} * kTile, den_js, As, HB, kept[k]);
+    } else {
+      for (int64_t cc = 0; cc < p.Cs_pad; cc += kTile) {
+        acc_t acc[kMicro][kMicro];  // (channel cc + 4 ty + r, row i0 + 4 tx + q)
+        zero(acc);
+        accumulate_dA(fs, b, j0, p.N, cc, den_js, As, HB, acc);
 #pragma unroll
         for (int r = 0; r < kMicro; ++r) {
           acc_t* dst = dAb + (cc + ty * kMicro + r) * p.Npad + i0 + tx * kMicro;
@@ -627,22 +721,22 @@ __global__ void __launch_bounds__(kThreads) prk_backward_kernel(PrkBwdArgs<acc_t
   }
 
   const acc_t s = *a.grad * a.mult, eps = static_cast<acc_t>(kEps);
-  if (RESIDENT) {
-    // Pixel-normalisation backward from the registers: the per-pixel dot over the 64 channels
-    // (16 threads hold 4 each; their partials add in ty order), then each thread its 16 outputs.
+  if constexpr (KEPT > 0) {
+    // Pixel-normalisation backward from the registers: the per-pixel dot over the channels (16
+    // threads hold 4 of each block; their partials add in ty order), then each thread its outputs.
     acc_t (*red)[kTile] = reinterpret_cast<acc_t (*)[kTile]>(HB);  // kGrid x kTile fits in HB
-    acc_t A[kMicro][kMicro];
+    auto normalised = [&](int64_t c, int q) {
+      return c < fs.C && i0 + tx * kMicro + q < p.N
+                 ? load<acc_t>(fs, b * fs.sB + c * fs.sC + ois[q]) / den_is[tx * kMicro + q]
+                 : acc_t(0);
+    };
 #pragma unroll
     for (int q = 0; q < kMicro; ++q) {
-      const int64_t i = i0 + tx * kMicro + q;
       acc_t part = 0;
 #pragma unroll
-      for (int r = 0; r < kMicro; ++r) {
-        const int64_t c = ty * kMicro + r;
-        const bool ok = c < fs.C && i < p.N;
-        A[r][q] = ok ? load<acc_t>(fs, b * fs.sB + c * fs.sC + ois[q]) / den_is[tx * kMicro + q] : acc_t(0);
-        part += A[r][q] * kept[r][q];
-      }
+      for (int k = 0; k < KEPT; ++k)
+#pragma unroll
+        for (int r = 0; r < kMicro; ++r) part += normalised(k * kTile + ty * kMicro + r, q) * kept[k][r][q];
       red[ty][tx * kMicro + q] = part;
     }
     __syncthreads();
@@ -660,13 +754,15 @@ __global__ void __launch_bounds__(kThreads) prk_backward_kernel(PrkBwdArgs<acc_t
       const acc_t nv = norm_is[px];
       const int64_t h = i / fs.W, w = i % fs.W;
 #pragma unroll
-      for (int r = 0; r < kMicro; ++r) {
-        const int64_t c = ty * kMicro + r;
-        if (c >= fs.C) continue;
-        const acc_t g = kept[r][q];
-        store(a.out, fs.dtype, b * a.o[0] + c * a.o[1] + h * a.o[2] + w * a.o[3],
-              nv > eps ? s * (g - A[r][q] * dot[px]) / nv : s * g / eps);
-      }
+      for (int k = 0; k < KEPT; ++k)
+#pragma unroll
+        for (int r = 0; r < kMicro; ++r) {
+          const int64_t c = k * kTile + ty * kMicro + r;
+          if (c >= fs.C) continue;
+          const acc_t g = kept[k][r][q];
+          store(a.out, fs.dtype, b * a.o[0] + c * a.o[1] + h * a.o[2] + w * a.o[3],
+                nv > eps ? s * (g - normalised(c, q) * dot[px]) / nv : s * g / eps);
+        }
     }
     return;
   }
@@ -695,6 +791,28 @@ __global__ void __launch_bounds__(kThreads) prk_backward_kernel(PrkBwdArgs<acc_t
     const acc_t g = dAb[c * p.Npad + i];
     store(a.out, fs.dtype, b * a.o[0] + c * a.o[1] + h * a.o[2] + w * a.o[3],
           nv > eps ? s * (g - A * dot[px]) / nv : s * g / eps);
+  }
+}
+
+// The register-resident channel blocks of a launch: 1, 2 or 4 (the next that holds Cs), 0 above
+// kKeptMax (the scratch route).
+template <typename acc_t>
+int kept_blocks(const PrkPlan& p) {
+  const int64_t blocks = p.Cs_pad / kTile;
+  if (blocks > kKeptMax<acc_t>) return 0;
+  return blocks <= 1 ? 1 : blocks <= 2 ? 2 : 4;
+}
+
+// prk_backward_kernel<acc_t, kept>, for kept = 0 or a power of two up to KEPT.
+template <typename acc_t, int KEPT = kKeptMax<acc_t>>
+void launch_backward(int kept, unsigned grid, cudaStream_t stream, const PrkBwdArgs<acc_t>& a) {
+  if constexpr (KEPT == 0) {
+    prk_backward_kernel<acc_t, 0><<<grid, kThreads, 0, stream>>>(a);
+  } else {
+    if (kept == KEPT)
+      prk_backward_kernel<acc_t, KEPT><<<grid, kThreads, 0, stream>>>(a);
+    else
+      launch_backward<acc_t, KEPT / 2>(kept, grid, stream, a);
   }
 }
 
@@ -745,7 +863,8 @@ int64_t prk_forward_workspace(const Tensor4& fs) { return fs.size[0] * fs.size[2
 
 int64_t prk_backward_workspace(const Tensor4& fs) {
   const PrkPlan p = prk_plan(fs);
-  return p.Cs_pad == kTile ? 0 : p.B * p.Cs_pad * p.Npad;  // up to 64 channels: in registers
+  const int kept = fs.dtype == DType::kFloat64 ? kept_blocks<double>(p) : kept_blocks<float>(p);
+  return kept > 0 ? 0 : p.B * p.Cs_pad * p.Npad;  // resident dA_I needs no scratch
 }
 
 cudaError_t prk_forward(const Tensor4& fs, const Tensor4& ft, double tau, void* workspace, void* lse_s, void* lse_t,
@@ -782,10 +901,7 @@ cudaError_t prk_backward(const void* grad, const Tensor4& fs, const Tensor4& ft,
                         static_cast<const acc_t*>(lse_t), static_cast<const acc_t*>(grad),
                         static_cast<acc_t>(mult), static_cast<acc_t*>(workspace), grad_fs,
                         {grad_fs_stride[0], grad_fs_stride[1], grad_fs_stride[2], grad_fs_stride[3]}};
-    if (p.Cs_pad == kTile)
-      prk_backward_kernel<acc_t, true><<<grid, kThreads, 0, stream>>>(a);
-    else
-      prk_backward_kernel<acc_t, false><<<grid, kThreads, 0, stream>>>(a);
+    launch_backward(kept_blocks<acc_t>(p), grid, stream, a);
     return cudaGetLastError();
   };
   return fs.dtype == DType::kFloat64 ? launch(1.0) : launch(1.0f);

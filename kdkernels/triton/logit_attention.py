@@ -2,26 +2,26 @@
 
 Per map X (H x W, one per sample and channel): A = softmax_rows(X X^T / sqrt(W)) X (self-attention
 with Q = K = V = X, sequence length H, head dim W), q = softmax over the H*W entries of A / tau,
-loss = tau^2 sum KL(q_t || q_s) / maps. No H x H matrix is ever stored. Four kernels per forward
-+ backward:
+loss = tau^2 sum KL(q_t || q_s) / maps. Four kernels per forward + backward:
 
 * _la_attend_kernel, grid (row blocks I, column chunks C of A of the student then of the
-  teacher, maps), flash-attention forward: for
-  each key block J the score tile X_I X_J^T (the head dim W stepped through BLOCK_D at a time),
-  an online row softmax, and acc += P_IJ X_J[:, C]. W (up to 448 here) is too wide for one
-  accumulator, so A's columns are split over programs and each recomputes the scores: with
-  BLOCK_DV = 128 the scores cost ceil(W / 128) times, in exchange for more programs (a KDAS batch
-  has only 16 maps). Writes A (maps, H, W) and, for the student, the row log-sum-exps.
+  teacher, maps), flash-attention forward: for each key block J the score tile X_I X_J^T (the
+  head dim W stepped through BLOCK_D at a time), an online row softmax, and acc += P_IJ X_J[:, C].
+  One chunk spans up to 512 columns, so for W <= 512 (KDAS: 352) every score tile is computed
+  once; a wider map splits A's columns over programs, each recomputing the scores. Writes A
+  (maps, H, W) and, when the student needs a gradient, its scaled scores s X X^T (maps, H, H:
+  per map the size of the map itself when H = W) and row log-sum-exps.
 * _la_kl_kernel, grid (maps,): the spatial softmax-KL of one map in row tiles: maxima, then the
-  sums, then (need_grad) dA = tau (q_s - q_t) / maps and D_i = <dA_i, A_i>; the loss is the
-  fixed-order float64 sum of the maps' terms (_common._finish).
+  sums, then (need_grad) dA = tau (q_s - q_t) / maps, written over A_t, and D_i = <dA_i, A_i>;
+  the loss is the fixed-order float64 sum of the maps' terms (_common._finish).
 * _la_bwd_kernel, grid (row blocks J, column chunks C, maps), flash-attention backward with
   Q = K = V = X: program J owns rows J of d loss / d X and walks the blocks I,
       dX_J += P_IJ^T dA_I + s (dS_IJ + dS_JI^T)^T X_I,  s = 1 / sqrt(W),
-  with P_IJ = exp(s S_IJ - lse_I), dS_IJ = P_IJ o (dA_I X_J^T - D_I), and since S is symmetric
-  P_JI^T = exp(s S_IJ - lse_J), dS_JI^T = P_JI^T o (X_I dA_J^T - D_J): three W-deep products
-  per tile, two into the accumulator; every output row has one owner (no atomics).
-The forward keeps dA, D and the student's row log-sum-exps when the student needs a gradient
+  with P_IJ = exp(s S_IJ - lse_I) from the saved scores, dS_IJ = P_IJ o (dA_I X_J^T - D_I), and
+  since S is symmetric P_JI^T = exp(s S_IJ - lse_J), dS_JI^T = P_JI^T o (X_I dA_J^T - D_J): two
+  W-deep products per tile, two into the accumulator, none repeated for W <= 512; every output
+  row has one owner (no atomics).
+The forward keeps dA, D, the scores and their row log-sum-exps when the student needs a gradient
 (need_grad); the backward kernel multiplies by the upstream gradient as it stores.
 
 Near the teacher (d = (A_s - A_t) / tau small) the KL is evaluated without cancellation, as in the
@@ -49,15 +49,15 @@ from kdkernels.triton.pixel_relation import _expm1_minus_x, _softmax_diff
 
 __all__ = ["logit_attention"]
 
-# Attention tiles (BLOCK_M, BLOCK_N, BLOCK_D, max BLOCK_DV), float32 accumulation: 32 x 32 score
-# tiles over 16-wide steps of the head dim, A's columns in chunks of up to 128. float64 (FMA
-# broadcast products in _mm): small tiles. From ptxas's sm_90 reports (Triton 3.8), not from
-# timings, with fp32 "ieee" dots (now "tf32x3"): register-hungry; with 8 warps the
-# forward compiles without spills (185 registers) and the backward with 24 bytes (BLOCK_D = 32
-# or 4 warps spill more, BLOCK_DV = 64 would not spill but recomputes the scores twice as
-# often). Retune against benchmarks.
-_ATTEND_BLOCK = (32, 32, 16, 128)
-_ATTEND_BLOCK_FP64 = (16, 16, 8, 16)
+# Tiles (BLOCK_M, BLOCK_N, BLOCK_D, max BLOCK_DV), float32 accumulation: score tiles over
+# BLOCK_D-wide steps of the head dim, A's columns (and dX's) in chunks of up to max BLOCK_DV. A
+# chunk as wide as the map (W <= 512 here) means no product is recomputed for another chunk; its
+# [rows, 512] accumulator is what bounds the rows per program. float64 (FMA broadcast products in
+# _mm): small tiles, chunks recomputing the backward's products. From ptxas's sm_90 reports
+# (Triton 3.8): see bench/README. Retune against benchmarks.
+_FWD_BLOCK = (16, 16, 16, 512)
+_BWD_BLOCK = (16, 16, 16, 512)
+_BLOCK_FP64 = (16, 16, 8, 16)
 _ATTEND_WARPS = 8
 # The KL kernel's row tiles: BLOCK_W = W rounded up to a power of two, rows to fill this many.
 _KL_TILE = 2048
@@ -83,11 +83,12 @@ def _scores(base, oi, oj, mask_i, mask_j, W, sW, ACC: tl.constexpr,
 
 @triton.jit
 def _attend_tile(
-    x_ptr, a_ptr, lse_ptr, pid_i, pid_c, m, K, H, W, sB, sC, sH, sW, scale,
-    STORE_LSE: tl.constexpr,
+    x_ptr, a_ptr, lse_ptr, sc_ptr, pid_i, pid_c, m, K, H, W, sB, sC, sH, sW, scale,
+    SAVE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """A[m, I, C] = (softmax_rows(s X X^T) X)[I, C] and (STORE_LSE) lse[m, I] of s X X^T."""
+    """A[m, I, C] = (softmax_rows(s X X^T) X)[I, C]; SAVE: the scaled scores sc[m, I, :] = s X_I X^T
+    and lse[m, I], their row log-sum-exps (by the programs of the first column chunk)."""
     ACC: tl.constexpr = a_ptr.dtype.element_ty
     i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
     c = pid_c * BLOCK_DV + tl.arange(0, BLOCK_DV)
@@ -99,12 +100,16 @@ def _attend_tile(
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
+    sc_rows = sc_ptr + (m * H + i[:, None]) * H
     for j0 in range(0, H, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         mask_j = j < H
         oj = j.to(tl.int64) * sH
-        s = _scores(base, oi, oj, mask_i, mask_j, W, sW, ACC, BLOCK_M, BLOCK_N, BLOCK_D)
-        s = tl.where(mask_j[None, :], s * scale, float("-inf"))
+        s = _scores(base, oi, oj, mask_i, mask_j, W, sW, ACC, BLOCK_M, BLOCK_N, BLOCK_D) * scale
+        if SAVE:
+            if pid_c == 0:
+                tl.store(sc_rows + j[None, :], s, mask=mask_i[:, None] & mask_j[None, :])
+        s = tl.where(mask_j[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -115,33 +120,33 @@ def _attend_tile(
         m_i = m_new
     out = a_ptr + (m * H + i[:, None]) * W + c[None, :]
     tl.store(out, _div(acc, l_i[:, None]), mask=mask_i[:, None] & mask_c[None, :])
-    if STORE_LSE:
+    if SAVE:
         if pid_c == 0:
             tl.store(lse_ptr + m * H + i, m_i + tl.log(l_i), mask=mask_i)
 
 
 @triton.jit
 def _la_attend_kernel(
-    xs_ptr, xt_ptr, scale_bits, as_ptr, at_ptr, lse_ptr,
+    xs_ptr, xt_ptr, scale_bits, as_ptr, at_ptr, lse_ptr, sc_ptr,
     m0, K, H, W, chunks,
     sB, sC, sH, sW,
     tB, tC, tH, tW,
-    STORE_LSE: tl.constexpr,
+    SAVE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """A of the student (column chunks 0 .. chunks - 1 of axis 1) and of the teacher (the next
-    chunks), one launch; the student's row log-sum-exps when STORE_LSE."""
+    chunks), one launch; SAVE: the student's scaled scores and row log-sum-exps."""
     ACC: tl.constexpr = as_ptr.dtype.element_ty
     scale = _f64(scale_bits).to(ACC)
     pid_i = tl.program_id(0)
     pid_c = tl.program_id(1)
     m = (tl.program_id(2) + m0).to(tl.int64)
     if pid_c < chunks:
-        _attend_tile(xs_ptr, as_ptr, lse_ptr, pid_i, pid_c, m, K, H, W, sB, sC, sH, sW, scale,
-                     STORE_LSE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
+        _attend_tile(xs_ptr, as_ptr, lse_ptr, sc_ptr, pid_i, pid_c, m, K, H, W, sB, sC, sH, sW,
+                     scale, SAVE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
     else:
-        _attend_tile(xt_ptr, at_ptr, lse_ptr, pid_i, pid_c - chunks, m, K, H, W, tB, tC, tH, tW,
-                     scale, False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
+        _attend_tile(xt_ptr, at_ptr, lse_ptr, sc_ptr, pid_i, pid_c - chunks, m, K, H, W, tB, tC,
+                     tH, tW, scale, False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
 
 
 @triton.jit
@@ -219,7 +224,7 @@ def _la_kl_kernel(
 
 @triton.jit
 def _la_bwd_kernel(
-    x_ptr, scale_bits, grad_ptr, da_ptr, lse_ptr, dd_ptr, g_ptr,
+    x_ptr, scale_bits, grad_ptr, da_ptr, lse_ptr, dd_ptr, sc_ptr, g_ptr,
     m0, K, H, W,
     sB, sC, sH, sW,
     gB, gC, gH, gW,
@@ -244,7 +249,6 @@ def _la_bwd_kernel(
         i = i0 + tl.arange(0, BLOCK_M)
         mask_i = i < H
         oi = i.to(tl.int64) * sH
-        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
         dp_ij = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)  # dA_I X_J^T
         dp_ji = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)  # (dA_J X_I^T)^T
         for d0 in range(0, W, BLOCK_D):
@@ -257,11 +261,10 @@ def _la_bwd_kernel(
             xj = tl.load(base + od[:, None] + oj[None, :], mask=m_dj, other=0.0)
             dai = tl.load(da_base + i[:, None] * W + d[None, :], mask=m_id, other=0.0)
             daj = tl.load(da_base + j[None, :] * W + d[:, None], mask=m_dj, other=0.0)
-            s = _mm(xi, xj, s)
             dp_ij = _mm(dai, xj.to(ACC), dp_ij)
             dp_ji = _mm(xi.to(ACC), daj, dp_ji)
-        s = s * scale
         valid = mask_i[:, None] & mask_j[None, :]
+        s = tl.load(sc_ptr + (m * H + i[:, None]) * H + j[None, :], mask=valid, other=0.0)
         lse_i = tl.load(lse_ptr + m * H + i, mask=mask_i, other=0.0)
         d_i = tl.load(dd_ptr + m * H + i, mask=mask_i, other=0.0)
         p_ij = tl.where(valid, tl.exp(s - lse_i[:, None]), 0.0)
@@ -281,57 +284,63 @@ def _la_bwd_kernel(
 # --- host side ------------------------------------------------------------------------------
 
 
-def _attend_config(W: int, acc: torch.dtype) -> dict:
-    bm, bn, bd, max_dv = _ATTEND_BLOCK_FP64 if acc == torch.float64 else _ATTEND_BLOCK
+def _config(W: int, acc: torch.dtype, backward: bool) -> dict:
+    if acc == torch.float64:
+        bm, bn, bd, max_dv = _BLOCK_FP64
+    else:
+        bm, bn, bd, max_dv = _BWD_BLOCK if backward else _FWD_BLOCK
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=_pow2(W, 16, max_dv))
 
 
 def _logit_attention_fwd(
     ps: torch.Tensor, pt: torch.Tensor, tau: float, need_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, dA, lse, D): with need_grad, what the backward kernel reads (see the kernels;
-    accumulation dtype), else empty tensors."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, dA, lse, D, scores): with need_grad, what the backward kernel reads (see the
+    kernels; accumulation dtype), else empty tensors."""
     B, K, H, W = ps.shape
     maps = B * K
     acc = _acc_dtype(ps)
     dev = ps.device
     scale = _bits(1.0 / math.sqrt(W))
-    cfg = _attend_config(W, acc)
+    cfg = _config(W, acc, backward=False)
     a_s = torch.empty((maps, H, W), dtype=acc, device=dev)
     a_t = torch.empty((maps, H, W), dtype=acc, device=dev)
+    # Without need_grad: distinct empty outputs (a custom op's outputs may not alias).
     lse = torch.empty((maps, H) if need_grad else (0,), dtype=acc, device=dev)
+    sc = torch.empty((maps, H, H) if need_grad else (0,), dtype=acc, device=dev)
     chunks = triton.cdiv(W, cfg["BLOCK_DV"])
     for m0, n in _batch_chunks(maps):
         _launch(_la_attend_kernel)[(triton.cdiv(H, cfg["BLOCK_M"]), 2 * chunks, n)](
-            ps, pt, scale, a_s, a_t, lse if need_grad else a_s, m0, K, H, W, chunks,
-            *ps.stride(), *pt.stride(), STORE_LSE=need_grad, num_warps=_ATTEND_WARPS, **cfg)
+            ps, pt, scale, a_s, a_t, lse if need_grad else a_s, sc if need_grad else a_s, m0, K,
+            H, W, chunks, *ps.stride(), *pt.stride(), SAVE=need_grad,
+            num_warps=_ATTEND_WARPS, **cfg)
     kl = torch.empty((maps,), dtype=torch.float64, device=dev)  # summed in float64
-    # Without need_grad: distinct empty outputs (a custom op's outputs may not alias).
-    da = torch.empty((maps, H, W) if need_grad else (0,), dtype=acc, device=dev)
     dd = torch.empty((maps, H) if need_grad else (0,), dtype=acc, device=dev)
     block_w = _pow2(W, 16, 1 << 30)
+    # dA overwrites A_t, which nothing reads afterwards.
     _launch(_la_kl_kernel)[(maps,)](
-        a_s, a_t, _bits(1.0 / tau), _bits(tau / maps), kl, da if need_grad else a_s,
-        dd if need_grad else a_s, H, W,
+        a_s, a_t, _bits(1.0 / tau), _bits(tau / maps), kl, a_t, dd if need_grad else a_s, H, W,
         NEED_GRAD=need_grad, BLOCK_R=max(1, _KL_TILE // block_w), BLOCK_W=block_w,
         num_warps=_KL_WARPS)
-    return _finish(kl, tau * tau / maps, acc), da, lse, dd
+    da = a_t if need_grad else torch.empty((0,), dtype=acc, device=dev)
+    return _finish(kl, tau * tau / maps, acc), da, lse, dd, sc
 
 
 def _logit_attention_bwd(
-    grad: torch.Tensor, ps: torch.Tensor, da: torch.Tensor, lse: torch.Tensor, dd: torch.Tensor
+    grad: torch.Tensor, ps: torch.Tensor, da: torch.Tensor, lse: torch.Tensor, dd: torch.Tensor,
+    sc: torch.Tensor,
 ) -> torch.Tensor:
     """d loss / d ps for upstream gradient `grad` (0-dim), in ps's dtype and memory format."""
     if da.numel() == 0:
         raise RuntimeError("kdkernels::logit_attention_triton was called with need_grad=False; "
                            "call it with need_grad=True to differentiate it")
     B, K, H, W = ps.shape
-    cfg = _attend_config(W, da.dtype)
+    cfg = _config(W, da.dtype, backward=True)
     gx = torch.empty_like(ps)
     tiles = (triton.cdiv(H, cfg["BLOCK_N"]), triton.cdiv(W, cfg["BLOCK_DV"]))
     for m0, n in _batch_chunks(B * K):
         _launch(_la_bwd_kernel)[(*tiles, n)](
-            ps, _bits(1.0 / math.sqrt(W)), grad, da, lse, dd, gx, m0, K, H, W, *ps.stride(),
+            ps, _bits(1.0 / math.sqrt(W)), grad, da, lse, dd, sc, gx, m0, K, H, W, *ps.stride(),
             *gx.stride(), num_warps=_ATTEND_WARPS, **cfg)
     return gx
 
@@ -340,13 +349,14 @@ def _fake_fwd(ps, pt, tau, need_grad):
     acc = _acc_dtype(ps)
     maps, H, W = ps.shape[0] * ps.shape[1], ps.shape[2], ps.shape[3]
     if not need_grad:
-        return (ps.new_empty((), dtype=acc), ps.new_empty((0,), dtype=acc),
-                ps.new_empty((0,), dtype=acc), ps.new_empty((0,), dtype=acc))
+        return (ps.new_empty((), dtype=acc),) + tuple(ps.new_empty((0,), dtype=acc)
+                                                      for _ in range(4))
     return (ps.new_empty((), dtype=acc), ps.new_empty((maps, H, W), dtype=acc),
-            ps.new_empty((maps, H), dtype=acc), ps.new_empty((maps, H), dtype=acc))
+            ps.new_empty((maps, H), dtype=acc), ps.new_empty((maps, H), dtype=acc),
+            ps.new_empty((maps, H, H), dtype=acc))
 
 
-def _fake_bwd(grad, ps, da, lse, dd):
+def _fake_bwd(grad, ps, da, lse, dd, sc):
     return torch.empty_like(ps)
 
 

@@ -22,7 +22,8 @@ _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\s*\(", re.S
 
 def _inputs() -> list[Path]:
     return ([CSRC / "cuda" / k for k in KERNELS] + sorted((CSRC / "cuda").glob("*.h"))
-            + sorted((CSRC / "cuda").glob("*.cuh")) + sorted((HERE / "include").glob("*.h"))
+            + sorted((CSRC / "cuda").glob("*.cuh")) + sorted((HERE / "include").rglob("*.h"))
+            + sorted((HERE / "include").rglob("*.cuh"))
             + [HERE / "driver.cpp", Path(__file__)])
 
 

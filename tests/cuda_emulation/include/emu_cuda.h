@@ -115,6 +115,11 @@ T __ldcg(const T* p) {
   return *p;
 }
 inline float __expf(float x) { return std::exp(x); }
+inline float __uint_as_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 
 struct __half {
   _Float16 v;

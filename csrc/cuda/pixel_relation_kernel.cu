@@ -26,11 +26,10 @@
 //
 // Precision of "kl": the Gram tiles of float32 inputs are 3xTF32 tensor-core products on sm_80 and
 // later (mma_tf32.cuh: ~2^-21 relative error per product, as FP32 FMA; plain TF32's ~5e-4 would
-// swamp S_s - S_t near the teacher: 38 of the emulated accuracy tests fail with it), FP32 FMA on
-// older GPUs and FP64 FMA for float64 inputs; dA_I += A_J H_IJ^T stays an FMA product in the
-// accumulation type, in the micro-tiles the epilogue works in. Each row's KL bracket is formed in
-// the accumulation type before any cross-row sum and centred on the teacher's arg-max column k
-// (see RowState):
+// swamp S_s - S_t near the teacher: 38 of the emulated accuracy tests fail with it), and so are
+// the backward's dA_I += A_J H_IJ^T; FP32 FMA on older GPUs, FP64 FMA for float64 inputs. Each
+// row's KL bracket is formed in the accumulation type before any cross-row sum and centred on
+// the teacher's arg-max column k (see RowState):
 //   KL_i = log1p(sum_j p_t expm1(u_j)) - sum_j p_t u_j,   u_j = d_j - d_k,  d = (S_s - S_t) / tau,
 // which equals the contract's sum_j p_t (S_t - S_s) / tau + lse_s - lse_t but does not cancel
 // catastrophically when the student is close to the teacher: lse_s and lse_t are ~log N + 1/tau
@@ -308,9 +307,11 @@ constexpr bool kTf32Tiles = false;
 #endif
 constexpr int kLdX = kTile + 1;  // the exchange tile's row stride (see frag_to_micro)
 
-// The staged chunk's contribution to one warp's part of the 64 x 64 tile, As[k][i] Bs[k][j] over
-// kBK channels k, as 3xTF32 tensor-core products: warp w owns rows 16 (w / 2) .. + 15 and columns
-// 32 (w % 2) .. + 31, four m16n8 tiles (frag[n]: columns 8 n + ...) in mma_tf32's layout.
+// frag += the staged chunk's contribution to one warp's part of a 64 x 64 tile, sum over kBK rows
+// k of As[k][m] Bs[k][n] (row strides kLdA, kLdB), as 3xTF32 tensor-core products: warp w owns
+// rows 16 (w / 2) .. + 15 and columns 32 (w % 2) .. + 31, four m16n8 tiles (frag[n]: columns
+// 8 n + ...) in mma_tf32's layout.
+template <int kLdA = kLd, int kLdB = kLd>
 __device__ __forceinline__ void mma_chunk(const float* As, const float* Bs, float (&frag)[4][4]) {
   const int lane = threadIdx.x % 32, w = threadIdx.x / 32, g = lane / 4, q = lane % 4;
   const int m0 = (w / 2) * 16 + g, n0 = (w % 2) * 32 + g;
@@ -321,15 +322,15 @@ __device__ __forceinline__ void mma_chunk(const float* As, const float* Bs, floa
 #pragma unroll
   for (int k = 0; k < kBK; k += 8) {
     uint32_t ab[4], as[4];
-    split(As[(k + q) * kLd + m0], ab[0], as[0]);
-    split(As[(k + q) * kLd + m0 + 8], ab[1], as[1]);
-    split(As[(k + q + 4) * kLd + m0], ab[2], as[2]);
-    split(As[(k + q + 4) * kLd + m0 + 8], ab[3], as[3]);
+    split(As[(k + q) * kLdA + m0], ab[0], as[0]);
+    split(As[(k + q) * kLdA + m0 + 8], ab[1], as[1]);
+    split(As[(k + q + 4) * kLdA + m0], ab[2], as[2]);
+    split(As[(k + q + 4) * kLdA + m0 + 8], ab[3], as[3]);
 #pragma unroll
     for (int n = 0; n < 4; ++n) {
       uint32_t bb[2], bs[2];
-      split(Bs[(k + q) * kLd + n0 + 8 * n], bb[0], bs[0]);
-      split(Bs[(k + q + 4) * kLd + n0 + 8 * n], bb[1], bs[1]);
+      split(Bs[(k + q) * kLdB + n0 + 8 * n], bb[0], bs[0]);
+      split(Bs[(k + q + 4) * kLdB + n0 + 8 * n], bb[1], bs[1]);
       mma_tf32(frag[n], as, bb);  // the small terms first
       mma_tf32(frag[n], ab, bs);
       mma_tf32(frag[n], ab, bb);
@@ -337,8 +338,8 @@ __device__ __forceinline__ void mma_chunk(const float* As, const float* Bs, floa
   }
 }
 
-// The tile from the warps' mma fragments to each thread's 4 x 4 micro-tile (rows 4 ty + r,
-// columns 4 tx + c), the layout the softmax code works in, through X (64 x kLdX floats).
+// acc += the tile in the warps' mma fragments, each thread its 4 x 4 micro-tile (rows 4 ty + r,
+// columns 4 tx + c: the layout the softmax code works in), through X (64 x kLdX floats).
 __device__ __forceinline__ void frag_to_micro(const float (&frag)[4][4], float* X, float (&acc)[kMicro][kMicro]) {
   const int t = threadIdx.x, lane = t % 32, w = t / 32, g = lane / 4, q = lane % 4;
   const int m0 = (w / 2) * 16 + g, n0 = (w % 2) * 32 + 2 * q;
@@ -352,14 +353,13 @@ __device__ __forceinline__ void frag_to_micro(const float (&frag)[4][4], float* 
 #pragma unroll
   for (int r = 0; r < kMicro; ++r)
 #pragma unroll
-    for (int c = 0; c < kMicro; ++c) acc[r][c] = X[(ty * kMicro + r) * kLdX + tx * kMicro + c];
+    for (int c = 0; c < kMicro; ++c) acc[r][c] += X[(ty * kMicro + r) * kLdX + tx * kMicro + c];
 }
 
 // acc[r][c] = S[i0 + 4 ty + r, j0 + 4 tx + c] for one input: the sum over channels of the
 // normalised pixels, staged as they load (den_i / den_j: the tiles' pixel-norm denominators;
 // off_i / off_j: this thread's staging offsets). Starts with a barrier, so the caller may reuse
-// As / Bs right before calling. X: the exchange tile of the tensor-core route (float32; it may be
-// Bs if that holds 64 x kLdX values).
+// As / Bs right before calling. X: the exchange tile of the tensor-core route (float32).
 template <typename acc_t>
 __device__ __forceinline__ void gram_tile(const Feat& f, int64_t b, int64_t i0, int64_t j0, const acc_t* den_i,
                                           const acc_t* den_j, const int64_t (&off_i)[kMicro],
@@ -606,11 +606,14 @@ template <typename acc_t>
 constexpr int kKeptMax = sizeof(acc_t) == 8 ? 1 : 4;
 
 // acc += A[cc .. cc + 63, J] H_IJ^T: one 64-channel block of dA_I from column block J (Ht staged
-// in HB), A staged through As in kBK-column chunks, normalised as it loads.
+// in HB), A staged through As in kBK-column chunks, normalised as it loads; float32 on the tensor
+// cores as the Gram tiles (X: the exchange tile).
 template <typename acc_t>
 __device__ __forceinline__ void accumulate_dA(const Feat& fs, int64_t b, int64_t j0, int64_t N, int64_t cc,
-                                              const acc_t* den_js, acc_t* As, const acc_t* HB,
+                                              const acc_t* den_js, acc_t* As, const acc_t* HB, acc_t* X,
                                               acc_t (&acc)[kMicro][kMicro]) {
+  constexpr bool kMma = kTf32Tiles && std::is_same<acc_t, float>::value;
+  float frag[4][4] = {};
   const int t = threadIdx.x, ty = t / kGrid, tx = t % kGrid;
   const int sc = by_row_row(t), sj = by_row_k(t);  // staging: channel, 4 consecutive columns
   const int64_t c = cc + sc;
@@ -624,8 +627,12 @@ __device__ __forceinline__ void accumulate_dA(const Feat& fs, int64_t b, int64_t
           (c < fs.C && j < N) ? load<acc_t>(fs, row + pixel_offset(fs, j)) / den_js[jk + sj + q] : acc_t(0);
     }
     __syncthreads();
-    multiply_chunk<acc_t, kLd, kLdH>(As, HB + jk * kLdH, ty, tx, acc);
+    if constexpr (kMma)
+      mma_chunk<kLd, kLdH>(As, HB + jk * kLdH, frag);
+    else
+      multiply_chunk<acc_t, kLd, kLdH>(As, HB + jk * kLdH, ty, tx, acc);
   }
+  if constexpr (kMma) frag_to_micro(frag, X, acc);
 }
 
 // One block per (sample, 64-row block I), looping over the column blocks J:
@@ -649,7 +656,8 @@ __global__ void __launch_bounds__(kThreads, 1) prk_backward_kernel(PrkBwdArgs<ac
   __shared__ acc_t HB[kTile * kLdH];  // gram tiles: the second stage; dA phase: Ht[j][i] = H_IJ[i][j]
   __shared__ acc_t scratch[kThreads];
   __shared__ acc_t den_is[kTile], den_it[kTile], norm_is[kTile], den_js[kTile], den_jt[kTile], dot[kTile];
-  static_assert(kBK * kLd <= kTile * kLdH && kLdX <= kLdH, "HB holds a stage and the exchange tile");
+  __shared__ acc_t X[std::is_same<acc_t, float>::value ? kTile * kLdX : 1];  // the mma tiles' exchange
+  static_assert(kBK * kLd <= kTile * kLdH, "HB holds a stage");
   const PrkPlan& p = a.p;
   const Feat &fs = a.fs, &ft = a.ft;
   const int t = threadIdx.x, ty = t / kGrid, tx = t % kGrid;
@@ -678,8 +686,8 @@ __global__ void __launch_bounds__(kThreads, 1) prk_backward_kernel(PrkBwdArgs<ac
     acc_t h[kMicro][kMicro];
     {
       acc_t ss[kMicro][kMicro], st[kMicro][kMicro];
-      gram_tile(fs, b, i0, j0, den_is, den_js, ois, ojs, As, HB, HB, ss);
-      gram_tile(ft, b, i0, j0, den_it, den_jt, oit, ojt, As, HB, HB, st);
+      gram_tile(fs, b, i0, j0, den_is, den_js, ois, ojs, As, HB, X, ss);
+      gram_tile(ft, b, i0, j0, den_it, den_jt, oit, ojt, As, HB, X, st);
       acc_t lsj[kMicro], ltj[kMicro];
       bool vj[kMicro];
       load_lse(a.lse_s, a.lse_t, b, p.N, j0 + tx * kMicro, vj, lsj, ltj);
@@ -703,12 +711,12 @@ __global__ void __launch_bounds__(kThreads, 1) prk_backward_kernel(PrkBwdArgs<ac
     if constexpr (KEPT > 0) {
 #pragma unroll
       for (int k = 0; k < KEPT; ++k)
-        if (k * kTile < p.Cs_pad) accumulate_dA(fs, b, j0, p.N, int64_t{k} * kTile, den_js, As, HB, kept[k]);
+        if (k * kTile < p.Cs_pad) accumulate_dA(fs, b, j0, p.N, int64_t{k} * kTile, den_js, As, HB, X, kept[k]);
     } else {
       for (int64_t cc = 0; cc < p.Cs_pad; cc += kTile) {
         acc_t acc[kMicro][kMicro];  // (channel cc + 4 ty + r, row i0 + 4 tx + q)
         zero(acc);
-        accumulate_dA(fs, b, j0, p.N, cc, den_js, As, HB, acc);
+        accumulate_dA(fs, b, j0, p.N, cc, den_js, As, HB, X, acc);
 #pragma unroll
         for (int r = 0; r < kMicro; ++r) {
           acc_t* dst = dAb + (cc + ty * kMicro + r) * p.Npad + i0 + tx * kMicro;

@@ -1,12 +1,28 @@
 """Test configuration. Without a GPU the Triton kernels run in the interpreter, which must be
 switched on before Triton (or kdkernels, which imports it) is first imported."""
 
+import hashlib
 import os
+import tempfile
+from pathlib import Path
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _inductor_cache_dir() -> str:
+    """torch.compile's on-disk cache does not key on custom-op schemas (pytorch/pytorch#144344): a
+    cache filled under other definitions of these ops can replay a stale graph. The suite's is
+    keyed by the sources that define them."""
+    root = Path(__file__).resolve().parents[1]
+    sources = sorted((root / "kdkernels").rglob("*.py")) + sorted((root / "csrc").glob("*.cpp"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    return str(Path(tempfile.gettempdir()) / f"kdk-inductor-{digest}")
+
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _inductor_cache_dir())
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -298,7 +298,7 @@ __device__ __forceinline__ void stage_offsets(const Feat& f, int64_t n0, int64_t
   for (int q = 0; q < kMicro; ++q) off[q] = n0 + p + q < f.N ? pixel_offset(f, n0 + p + q) : 0;
 }
 
-// float32 Gram tiles on the tensor cores (3xTF32, mma_tf32.cuh) where the GPU has TF32 (sm_80 and
+// float32 tile products on the tensor cores (3xTF32, mma_tf32.cuh) where the GPU has TF32 (sm_80 and
 // later; the CPU emulation too); FP32 FMA before sm_80, FP64 FMA for float64 inputs.
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 constexpr bool kTf32Tiles = true;
@@ -343,7 +343,7 @@ __device__ __forceinline__ void mma_chunk(const float* As, const float* Bs, floa
 __device__ __forceinline__ void frag_to_micro(const float (&frag)[4][4], float* X, float (&acc)[kMicro][kMicro]) {
   const int t = threadIdx.x, lane = t % 32, w = t / 32, g = lane / 4, q = lane % 4;
   const int m0 = (w / 2) * 16 + g, n0 = (w % 2) * 32 + 2 * q;
-  __syncthreads();  // X's previous readers (and the last chunk's readers, when X is a stage) are done
+  __syncthreads();  // X's previous readers are done
 #pragma unroll
   for (int n = 0; n < 4; ++n)
 #pragma unroll

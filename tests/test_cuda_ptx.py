@@ -21,14 +21,14 @@ SPILL_BUDGET = 64  # bytes of spill stores per kernel
 # source -> the (mangled) entry-name stems of its float32 kernels with 3xTF32 tile products
 TENSOR_CORE = {"pixel_relation_kernel.cu": ("prk_forward_kernelIf", "prk_backward_kernelIf")}
 NVCC = shutil.which("nvcc")
+SM90 = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-arch=sm_90", f"-I{CUDA.parent}"]
 
 pytestmark = pytest.mark.skipif(NVCC is None, reason="no nvcc on this machine")
 
 
 def _ptxas_report(source: str) -> list[tuple[str, int, int]]:
     """(kernel, spill store bytes, registers) per entry function of one .cu for sm_90."""
-    out = subprocess.run([NVCC, "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-arch=sm_90",
-                          f"-I{CUDA.parent}", "-c", str(CUDA / source), "-o", "/dev/null", "-Xptxas", "-v"],
+    out = subprocess.run([NVCC, *SM90, "-c", str(CUDA / source), "-o", "/dev/null", "-Xptxas", "-v"],
                          capture_output=True, text=True, check=True).stderr
     rows, name = [], None
     for line in out.splitlines():
@@ -59,8 +59,7 @@ def test_spills_within_budget(reports, source):
 def _ptx_entries(source: str, tmp_path: Path) -> dict[str, str]:
     """Entry name -> its PTX body, for one .cu compiled for sm_90."""
     out = tmp_path / "kernels.ptx"
-    subprocess.run([NVCC, "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-arch=sm_90", f"-I{CUDA.parent}",
-                    "--ptx", str(CUDA / source), "-o", str(out)], capture_output=True, check=True)
+    subprocess.run([NVCC, *SM90, "--ptx", str(CUDA / source), "-o", str(out)], capture_output=True, check=True)
     parts = re.split(r"\.entry (\w+)\(", out.read_text())
     return dict(zip(parts[1::2], parts[2::2]))
 

@@ -305,6 +305,8 @@ constexpr bool kTf32Tiles = true;
 #else
 constexpr bool kTf32Tiles = false;
 #endif
+template <typename acc_t>
+constexpr bool kMmaTiles = kTf32Tiles && std::is_same<acc_t, float>::value;
 constexpr int kLdX = kTile + 1;  // the exchange tile's row stride (see frag_to_micro)
 
 // frag += the staged chunk's contribution to one warp's part of a 64 x 64 tile, sum over kBK rows
@@ -365,7 +367,6 @@ __device__ __forceinline__ void gram_tile(const Feat& f, int64_t b, int64_t i0, 
                                           const acc_t* den_j, const int64_t (&off_i)[kMicro],
                                           const int64_t (&off_j)[kMicro], acc_t* As, acc_t* Bs, acc_t* X,
                                           acc_t (&acc)[kMicro][kMicro]) {
-  constexpr bool kMma = kTf32Tiles && std::is_same<acc_t, float>::value;
   const int t = threadIdx.x, ty = t / kGrid, tx = t % kGrid;
   const int sk = by_col_k(t), sp = by_col_col(t);
   float frag[4][4] = {};
@@ -381,12 +382,12 @@ __device__ __forceinline__ void gram_tile(const Feat& f, int64_t b, int64_t i0, 
       Bs[sk * kLd + sp + q] = cj ? load<acc_t>(f, row + off_j[q]) / den_j[sp + q] : acc_t(0);
     }
     __syncthreads();
-    if constexpr (kMma)
+    if constexpr (kMmaTiles<acc_t>)
       mma_chunk(As, Bs, frag);
     else
       multiply_chunk(As, Bs, ty, tx, acc);
   }
-  if constexpr (kMma) frag_to_micro(frag, X, acc);
+  if constexpr (kMmaTiles<acc_t>) frag_to_micro(frag, X, acc);
 }
 
 // Online state of one row, flash-attention style, over the columns seen so far:
@@ -466,7 +467,7 @@ __global__ void __launch_bounds__(kThreads) prk_forward_kernel(PrkArgs<acc_t> a)
   __shared__ acc_t Bs[kBK * kLd];
   __shared__ acc_t scratch[kThreads];
   __shared__ acc_t den_is[kTile], den_it[kTile], den_js[kTile], den_jt[kTile];
-  __shared__ acc_t X[std::is_same<acc_t, float>::value ? kTile * kLdX : 1];  // gram_tile's exchange
+  __shared__ acc_t X[kMmaTiles<acc_t> ? kTile * kLdX : 1];  // gram_tile's exchange
   const PrkPlan& p = a.p;
   const int t = threadIdx.x, ty = t / kGrid, tx = t % kGrid;
   const int64_t b = blockIdx.x / p.row_blocks, i0 = (blockIdx.x % p.row_blocks) * kTile;
@@ -612,7 +613,6 @@ template <typename acc_t>
 __device__ __forceinline__ void accumulate_dA(const Feat& fs, int64_t b, int64_t j0, int64_t N, int64_t cc,
                                               const acc_t* den_js, acc_t* As, const acc_t* HB, acc_t* X,
                                               acc_t (&acc)[kMicro][kMicro]) {
-  constexpr bool kMma = kTf32Tiles && std::is_same<acc_t, float>::value;
   float frag[4][4] = {};
   const int t = threadIdx.x, ty = t / kGrid, tx = t % kGrid;
   const int sc = by_row_row(t), sj = by_row_k(t);  // staging: channel, 4 consecutive columns
@@ -627,12 +627,12 @@ __device__ __forceinline__ void accumulate_dA(const Feat& fs, int64_t b, int64_t
           (c < fs.C && j < N) ? load<acc_t>(fs, row + pixel_offset(fs, j)) / den_js[jk + sj + q] : acc_t(0);
     }
     __syncthreads();
-    if constexpr (kMma)
+    if constexpr (kMmaTiles<acc_t>)
       mma_chunk<kLd, kLdH>(As, HB + jk * kLdH, frag);
     else
       multiply_chunk<acc_t, kLd, kLdH>(As, HB + jk * kLdH, ty, tx, acc);
   }
-  if constexpr (kMma) frag_to_micro(frag, X, acc);
+  if constexpr (kMmaTiles<acc_t>) frag_to_micro(frag, X, acc);
 }
 
 // One block per (sample, 64-row block I), looping over the column blocks J:
@@ -656,7 +656,7 @@ __global__ void __launch_bounds__(kThreads, 1) prk_backward_kernel(PrkBwdArgs<ac
   __shared__ acc_t HB[kTile * kLdH];  // gram tiles: the second stage; dA phase: Ht[j][i] = H_IJ[i][j]
   __shared__ acc_t scratch[kThreads];
   __shared__ acc_t den_is[kTile], den_it[kTile], norm_is[kTile], den_js[kTile], den_jt[kTile], dot[kTile];
-  __shared__ acc_t X[std::is_same<acc_t, float>::value ? kTile * kLdX : 1];  // the mma tiles' exchange
+  __shared__ acc_t X[kMmaTiles<acc_t> ? kTile * kLdX : 1];  // the mma tiles' exchange
   static_assert(kBK * kLd <= kTile * kLdH, "HB holds a stage");
   const PrkPlan& p = a.p;
   const Feat &fs = a.fs, &ft = a.ft;
@@ -733,6 +733,7 @@ __global__ void __launch_bounds__(kThreads, 1) prk_backward_kernel(PrkBwdArgs<ac
     // Pixel-normalisation backward from the registers: the per-pixel dot over the channels (16
     // threads hold 4 of each block; their partials add in ty order), then each thread its outputs.
     acc_t (*red)[kTile] = reinterpret_cast<acc_t (*)[kTile]>(HB);  // kGrid x kTile fits in HB
+    // A = fs / norm, loaded again for the outputs rather than held: registers go to kept.
     auto normalised = [&](int64_t c, int q) {
       return c < fs.C && i0 + tx * kMicro + q < p.N
                  ? load<acc_t>(fs, b * fs.sB + c * fs.sC + ois[q]) / den_is[tx * kMicro + q]

@@ -9,11 +9,6 @@
 namespace emu {
 inline uint32_t mma_a[1024][4];
 inline uint32_t mma_b[1024][2];
-inline float bits_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 }  // namespace emu
 
 namespace kdk {
@@ -39,8 +34,8 @@ inline void mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[
     const int r = g + 8 * (i / 2), c = 2 * q + i % 2;
     float acc = d[i];
     for (int k = 0; k < 8; ++k)
-      acc += ::emu::bits_float(::emu::mma_a[base + 4 * (r % 8) + k % 4][(r >= 8) + 2 * (k >= 4)]) *
-             ::emu::bits_float(::emu::mma_b[base + 4 * c + k % 4][k >= 4]);
+      acc += __uint_as_float(::emu::mma_a[base + 4 * (r % 8) + k % 4][(r >= 8) + 2 * (k >= 4)]) *
+             __uint_as_float(::emu::mma_b[base + 4 * c + k % 4][k >= 4]);
     d[i] = acc;
   }
   warp.arrive_and_wait();

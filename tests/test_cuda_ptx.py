@@ -1,7 +1,7 @@
 """Static checks of the CUDA kernels as compiled for sm_90 (H100/H200), with nvcc where the
 machine has it, no GPU needed: every kernel's register spills stay within SPILL_BUDGET bytes
-(ptxas -v), and the kernels whose float32 tiles are meant for the tensor cores (TENSOR_CORE) hold
-mma instructions in their PTX. The tails that hold a few float64 values past their register
+(ptxas -v), and the kernels whose tiles are meant for the tensor cores (TENSOR_CORE) hold mma
+instructions in their PTX. The tails that hold a few float64 values past their register
 allocation (the attention-transfer finalize, the channel-relation C x C tail, the pixel-KL pass)
 spill a few dozen bytes; a hot tile loop that spilled would show hundreds."""
 
@@ -18,8 +18,10 @@ import pytest
 CUDA = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
 KERNELS = sorted(p.name for p in CUDA.glob("*_kernel.cu"))
 SPILL_BUDGET = 64  # bytes of spill stores per kernel
-# source -> the (mangled) entry-name stems of its float32 kernels with 3xTF32 tile products
-TENSOR_CORE = {"pixel_relation_kernel.cu": ("prk_forward_kernelIf", "prk_backward_kernelIf")}
+# source -> the (mangled) entry-name stems of its kernels with tensor-core tile products: the
+# float32 kl kernels (3xTF32) and the float64 Grams (mma .f64)
+TENSOR_CORE = {"pixel_relation_kernel.cu": ("prk_forward_kernelIf", "prk_backward_kernelIf", "prm_gram"),
+               "channel_relation_kernel.cu": ("cr_gram",)}
 NVCC = shutil.which("nvcc")
 SM90 = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-arch=sm_90", f"-I{CUDA.parent}"]
 

@@ -13,7 +13,8 @@ the installed Triton: with float arguments as float32 (Triton's JIT) and as floa
 
 It also checks that the kernels whose float32 products are meant for the tensor cores
 (TENSOR_CORE_KERNELS, "tf32x3" dots) do use them: their PTX for float32 or 16-bit data holds mma
-or wgmma instructions (float64 launches multiply by FMA on purpose), and that no launch spills
+or wgmma instructions (their float64 launches multiply by FMA on purpose), as does every launch of
+the kernels with float64 tensor-core products (FLOAT64_TENSOR_CORE_KERNELS), and that no launch spills
 registers to local memory beyond SPILL_BUDGET_BYTES (spill stores + loads in the ptxas -v report
 of the build itself), printing the largest spill per kernel.
 """
@@ -40,6 +41,10 @@ POINTEE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": 
 # The kernels with float32 (or 16-bit) tl.dot tile products.
 TENSOR_CORE_KERNELS = {"_la_attend_kernel", "_la_bwd_kernel", "_pr_kl_fwd_kernel", "_pr_kl_bwd_kernel",
                        "_cr_backward_kernel"}
+# The kernels whose float64 products are tl.dot tiles of at least 16 x 16 x 16 (_common._mm): the
+# relation Grams and the pixel-relation mse backward, float64 mma for every input dtype (float32
+# mma for the steps computed from 16-bit inputs).
+FLOAT64_TENSOR_CORE_KERNELS = {"_cr_gram_kernel", "_pr_gram_kernel", "_pr_mse_bwd_kernel"}
 
 # Spill stores + loads per launch, in bytes: a few words of spill are harmless, hundreds in a
 # tile loop are not.
@@ -165,7 +170,9 @@ def compile_one(job: tuple[dict, str, int]) -> tuple[str | None, str, int]:
         return (f"{launch['name']}({typed}) [floats {float_type}]: {type(exc).__name__}: {why.strip()[:300]}",
                 launch["name"], 0)
     fp64 = any(kind[:2] == ["tensor", "float64"] for kind in launch["args"].values())
-    if launch["name"] in TENSOR_CORE_KERNELS and not fp64 and "mma" not in compiled.asm["ptx"]:
+    expect_mma = (launch["name"] in FLOAT64_TENSOR_CORE_KERNELS
+                  or (launch["name"] in TENSOR_CORE_KERNELS and not fp64))
+    if expect_mma and "mma" not in compiled.asm["ptx"]:
         return (f"{launch['name']}({typed}): no mma / wgmma instruction in its PTX (expected tensor-core "
                 "products)", launch["name"], 0)
     spilled = spill_bytes(log.getvalue())

@@ -15,12 +15,14 @@
 //    backward as the epilogue.
 //
 // Precision: G_s - G_t is a small difference of O(1) sums when rows are near uniform (softmax
-// with a large tau) or the student is near the teacher, so the Grams are float64 FMAs of float64
-// operands (exact for "l2": float32 products are exact in float64; "softmax" takes exp in
-// float64). Staging float32 values and summing in float32 measured, in the CPU emulation, up to
-// 3x eager float32's own error on the softmax-mse loss at tau = 4 (1.5e-5 relative, the
-// contract allows 1e-5 or 2x eager); FP32 tensor-core or 3xTF32 Grams would be worse still. The
-// chunk merges and the C x C tail run in float64; the backward in the accumulation type.
+// with a large tau) or the student is near the teacher, so the Grams are float64 products of
+// float64 operands, on the float64 tensor cores from sm_80 (gram_chunk; exact for "l2": float32
+// products are exact in float64; "softmax" takes exp in float64). Staging float32 values and
+// summing in float32 measured, in the CPU emulation, up to 3x eager float32's own error on the
+// softmax-mse loss at tau = 4 (1.5e-5 relative, the contract allows 1e-5 or 2x eager); 3xTF32
+// products come within eager's error near the teacher but by as little as 10% (see
+// docs/ops/channel_relation_loss.md). The chunk merges and the C x C tail run in float64; the
+// backward in the accumulation type.
 // Deterministic: launch shapes and chunking depend on the sizes only; fixed-order sums.
 #include <cuda_runtime.h>
 #include <math.h>
@@ -101,7 +103,7 @@ __global__ void __launch_bounds__(kThreads) cr_gram(GramArgs a) {
   __shared__ double Bs[kBK * kLd];
   __shared__ double rmax[2][kTile];  // chunk maxima of x / tau for rows I (0) and J (1)
   const CrPlan& p = a.p;
-  const int t = threadIdx.x, ty = t / kGrid, tx = t % kGrid;
+  const int t = threadIdx.x;
   int64_t idx = blockIdx.x;
   const int64_t split = idx % p.splits;
   idx /= p.splits;
@@ -159,10 +161,10 @@ __global__ void __launch_bounds__(kThreads) cr_gram(GramArgs a) {
       Bs[(sk + q) * kLd + sr] = gram_value(f, base, j0 + sr, n, n_end, a.softmax, a.inv_tau, mj);
     }
     __syncthreads();
-    multiply_chunk(As, Bs, ty, tx, acc);
+    gram_chunk(As, Bs, acc);
     __syncthreads();
   }
-  store_tile(a.w.part + slab * p.C * p.C, p.C, i0, j0, ty, tx, acc);
+  store_gram_tile(a.w.part + slab * p.C * p.C, p.C, i0, j0, acc);
 }
 
 template <typename acc_t>

@@ -11,7 +11,8 @@
 //  - prm_backward, one block per (sample, 64 pixels): dA = m_ss A - m_st T for every student
 //    channel, then the pixel-normalisation backward (its per-pixel dot <A, dA> needs every
 //    channel: a first pass over the channel blocks forms it, a second writes the gradient).
-//    The "mse" route runs in float64 throughout (as the float64 DGEMMs it replaces did): the
+//    The "mse" route runs in float64 throughout (as the float64 DGEMMs it replaces did; the
+//    Gram's tiles on the float64 tensor cores from sm_80, gram_chunk): the
 //    identity subtracts sums of squares of O(N) entries to leave |S_s - S_t|^2, which near the
 //    teacher is ~1e-6 of them, and dA is likewise a small difference of O(N) products.
 // "kl", flash-attention style over 64 x 64 tiles of S_s = A^T A and S_t = T^T T:
@@ -105,7 +106,7 @@ __global__ void __launch_bounds__(kThreads) prm_gram(PrmGramArgs a) {
   __shared__ double scratch[kThreads];
   __shared__ double den_s[kTile], den_t[kTile];
   const PrmPlan& p = a.p;
-  const int t = threadIdx.x, ty = t / kGrid, tx = t % kGrid;
+  const int t = threadIdx.x;
   int64_t idx = blockIdx.x;
   const int64_t split = idx % p.splits;
   idx /= p.splits;
@@ -129,11 +130,11 @@ __global__ void __launch_bounds__(kThreads) prm_gram(PrmGramArgs a) {
         Bs[(sk + q) * kLd + sr] = stacked_value(a.fs, a.ft, b, j0 + sr, n, pk, den_s, den_t);
       }
       __syncthreads();
-      multiply_chunk(As, Bs, ty, tx, acc);
+      gram_chunk(As, Bs, acc);
       __syncthreads();
     }
   }
-  store_tile(a.part + (split * p.B + b) * p.R * p.R, p.R, i0, j0, ty, tx, acc);
+  store_gram_tile(a.part + (split * p.B + b) * p.R * p.R, p.R, i0, j0, acc);
 }
 
 // Block-wide fixed-order sum of one double per thread (a tree over `red`); every thread gets it.
@@ -298,15 +299,10 @@ __device__ __forceinline__ void stage_offsets(const Feat& f, int64_t n0, int64_t
   for (int q = 0; q < kMicro; ++q) off[q] = n0 + p + q < f.N ? pixel_offset(f, n0 + p + q) : 0;
 }
 
-// float32 tile products on the tensor cores (3xTF32, mma_tf32.cuh) where the GPU has TF32 (sm_80 and
-// later; the CPU emulation too); FP32 FMA before sm_80, FP64 FMA for float64 inputs.
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-constexpr bool kTf32Tiles = true;
-#else
-constexpr bool kTf32Tiles = false;
-#endif
+// float32 tile products on the tensor cores (3xTF32, mma_tf32.cuh) where the GPU has TF32
+// (kTensorCores); FP32 FMA before sm_80, FP64 FMA for float64 inputs.
 template <typename acc_t>
-constexpr bool kMmaTiles = kTf32Tiles && std::is_same<acc_t, float>::value;
+constexpr bool kMmaTiles = kTensorCores && std::is_same<acc_t, float>::value;
 constexpr int kLdX = kTile + 1;  // the exchange tile's row stride (see frag_to_micro)
 
 // frag += the staged chunk's contribution to one warp's part of a 64 x 64 tile, sum over kBK rows

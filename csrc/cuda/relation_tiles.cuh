@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "cuda/mma_f64.cuh"
 #include "cuda/relations_kernel.h"
 
 namespace kdk {
@@ -129,6 +130,56 @@ __device__ __forceinline__ void store_tile(double* out, int64_t n, int64_t i0, i
       const int64_t i = i0 + ty * kMicro + r, j = j0 + tx * kMicro + c;
       if (i < n && j < n) out[i * n + j] = acc[r][c];
     }
+}
+
+// Tile products on the tensor cores where the GPU has them for float32 (TF32) and float64 (sm_80
+// and later; the CPU emulation too); FMA before sm_80.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+constexpr bool kTensorCores = true;
+#else
+constexpr bool kTensorCores = false;
+#endif
+
+// The float64 Grams (channel relation, pixel-relation mse): acc += sum over the staged chunk's kBK
+// rows k of As[k][i] Bs[k][j] for a 64 x 64 tile, kept in one of two per-thread layouts that
+// store_gram_tile writes out:
+//  - tensor cores (mma_f64): warp w owns rows 16 (w / 2) + 8 m + g and columns 32 (w % 2) + 8 n +
+//    2 q + e (g = lane / 4, q = lane % 4) in acc[2 m + n / 2][2 (n % 2) + e];
+//  - FMA: the 4 x 4 micro-tile of multiply_chunk.
+__device__ __forceinline__ void gram_chunk(const double* As, const double* Bs, double (&acc)[kMicro][kMicro]) {
+  if constexpr (kTensorCores) {
+    const int lane = threadIdx.x % 32, w = threadIdx.x / 32, g = lane / 4, q = lane % 4;
+    const int m0 = (w / 2) * 16 + g, n0 = (w % 2) * 32 + g;
+#pragma unroll
+    for (int k = 0; k < kBK; k += 4) {
+      const double a[2] = {As[(k + q) * kLd + m0], As[(k + q) * kLd + m0 + 8]};
+#pragma unroll
+      for (int n = 0; n < 4; ++n) {
+        const double b = Bs[(k + q) * kLd + n0 + 8 * n];
+#pragma unroll
+        for (int m = 0; m < 2; ++m) mma_f64(acc[2 * m + n / 2][2 * (n % 2)], acc[2 * m + n / 2][2 * (n % 2) + 1], a[m], b);
+      }
+    }
+  } else {
+    multiply_chunk(As, Bs, threadIdx.x / kGrid, threadIdx.x % kGrid, acc);
+  }
+}
+
+// out[i][j] = the gram_chunk tile at (i0, j0) of an n x n row-major matrix, inside the matrix only.
+__device__ __forceinline__ void store_gram_tile(double* out, int64_t n, int64_t i0, int64_t j0,
+                                                const double (&acc)[kMicro][kMicro]) {
+  if constexpr (kTensorCores) {
+    const int lane = threadIdx.x % 32, w = threadIdx.x / 32, g = lane / 4, q = lane % 4;
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+        const int64_t i = i0 + (w / 2) * 16 + 8 * m + g, j = j0 + (w % 2) * 32 + 8 * (c / 2) + 2 * q + c % 2;
+        if (i < n && j < n) out[i * n + j] = acc[2 * m + c / 4][c % 4];
+      }
+  } else {
+    store_tile(out, n, i0, j0, threadIdx.x / kGrid, threadIdx.x % kGrid, acc);
+  }
 }
 
 // Staging maps for one chunk (kBK x 64 = 4 elements per thread):

@@ -22,7 +22,7 @@ backward, whatever the shape:
   fused with the normalisation backward; its per-row dot <Fn_c, dFn_c> = sum_k M_ck G_ck (G
   symmetric) comes from the saved G_s in the same loop. g is read on the device.
 
-Precision: the Grams accumulate in float64 (FMA products, _common._mm): G_s - G_t is a small
+Precision: the Grams are float64 products (tensor cores, _common._mm): G_s - G_t is a small
 difference of O(1) sums whenever the rows are near uniform (softmax rows with a large tau) or
 near the teacher's, and the C x C part is float64 too, where the KL of the row softmaxes of
 G / tau would otherwise cancel. The backward runs in the accumulation type (float32, float64 for
@@ -48,6 +48,7 @@ from kdkernels.triton._common import (
     _inv_norm,
     _launch,
     _mm,
+    _mm_from16,
     _pixel_offsets,
     _pow2,
     _split_k,
@@ -57,11 +58,11 @@ from kdkernels.triton._common import (
 
 __all__ = ["channel_relation"]
 
-# Gram tiles: [BC, BC] outputs (BC = C rounded up to a power of two, 16 .. 32), BK pixels per
-# step, float64 FMA broadcast products (32 x 8 x 32 per step); splits of N so that about
+# Gram tiles: [BC, BC] outputs (BC = C rounded up to a power of two, 16 .. 64), BK pixels per
+# step, float64 tensor-core products (_common._mm); splits of N so that about
 # _GRAM_TARGET_PROGRAMS programs run (_common._split_k).
-_GRAM_BLOCK = (32, 8)  # (max BC, BK)
-_GRAM_WARPS = 4
+_GRAM_BLOCK = (64, 16)  # (max BC, BK)
+_GRAM_WARPS = 8
 _GRAM_TARGET_PROGRAMS = 512
 # Tail: BR rows of the C x C matrices at a time, all columns (padded to a power of two).
 _TAIL_ELEMS = 2048
@@ -88,7 +89,10 @@ def _gram_tile(x_ptr, b, c1, c2, C, W, start, end, inv_tau,
                xB, xC, xH, xW, xN,
                SOFTMAX: tl.constexpr, FLAT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     """[BC, BC] float64 Gram tile of rows c1 x rows c2 over pixels [start, end), with (SOFTMAX)
-    the rows' running maxima of x / tau over those pixels and their sums of exp(x / tau - max)."""
+    the rows' running maxima of x / tau over those pixels and their sums of exp(x / tau - max).
+    16-bit rows: the raw products exact in a 16-bit tensor-core step ("l2"), the exponentials'
+    through _mm_from16 ("softmax")."""
+    FROM16: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth == 16
     m1_ok = c1 < C
     m2_ok = c2 < C
     base1 = x_ptr + b * xB + (c1.to(tl.int64) * xC)[:, None]
@@ -114,9 +118,13 @@ def _gram_tile(x_ptr, b, c1, c2, C, W, start, end, inv_tau,
             acc = acc * a1[:, None] * tl.exp(mx2 - new2)[None, :]
             e1 = tl.exp(u1 - new1[:, None])
             z1 = z1 * a1 + tl.sum(e1, axis=1)
-            acc = _mm(e1, tl.exp(u2 - new2[None, :]), acc)
+            acc = _mm_from16(e1, tl.exp(u2 - new2[None, :]), acc, FROM16)
             mx1 = new1
             mx2 = new2
+        elif FROM16:
+            # Products of 16-bit floats are exact in float32: a 16-bit tensor-core step, added in
+            # float64.
+            acc += _mm(x1, x2, tl.zeros([BC, BC], dtype=tl.float32)).to(tl.float64)
         else:
             acc = _mm(x1.to(tl.float64), x2.to(tl.float64), acc)
     return acc, mx1, z1

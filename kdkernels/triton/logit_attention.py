@@ -52,8 +52,9 @@ __all__ = ["logit_attention"]
 # Tiles (BLOCK_M, BLOCK_N, BLOCK_D, max BLOCK_DV), float32 accumulation: score tiles over
 # BLOCK_D-wide steps of the head dim, A's columns (and dX's) in chunks of up to max BLOCK_DV. A
 # chunk as wide as the map (W <= 512 here) means no product is recomputed for another chunk; its
-# [rows, 512] accumulator is what bounds the rows per program. float64 (FMA broadcast products in
-# _mm): small tiles, chunks recomputing the backward's products. From ptxas's sm_90 reports
+# [rows, 512] accumulator is what bounds the rows per program. float64 (FMA below 16-deep
+# products, float64 tensor cores from there, see _mm): small tiles, chunks recomputing the
+# backward's products. From ptxas's sm_90 reports
 # (Triton 3.8): see bench/README. Retune against benchmarks.
 _FWD_BLOCK = (16, 16, 16, 512)
 _BWD_BLOCK = (16, 16, 16, 512)

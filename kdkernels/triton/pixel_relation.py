@@ -44,7 +44,7 @@ algebraic route in float64, ||S_s - S_t||_F^2 = ||A A^T||^2 + ||T T^T||^2 - 2 ||
   student channel of its pixels, then the pixel-normalisation backward (two passes over the
   channel blocks past _MSE_MAX_BLOCK_CO channels, as above).
 
-Precision per path: mse entirely float64 (FMA products, _common._mm); kl tiles float32 products
+Precision per path: mse entirely float64 (tensor-core products, _common._mm); kl tiles float32 products
 (tl.dot with _common._DOT_PRECISION = "tf32x3", three TF32 tensor-core products, or 16-bit
 tensor-core dots of the raw 16-bit features, whose products are exact in fp32) scaled in
 float64, float32 online softmax and row terms, float64 sum of the row terms; float64 inputs run
@@ -70,6 +70,7 @@ from kdkernels.triton._common import (
     _launch,
     _log1p_minus_x,
     _mm,
+    _mm_from16,
     _pixel_offsets,
     _pow2,
     _split_k,
@@ -97,18 +98,19 @@ _KL_RESIDENT_K = 64
 _KL_BLOCK_K = 16
 _KL_MAX_BLOCK_CO = 128
 _KL_WARPS = (8, 8)  # (forward, backward)
-# float64 (FMA products, see _common._mm): small tiles.
+# float64 (FMA products below 16 deep, see _common._mm): small tiles.
 _KL_BLOCK_FP64 = (16, 16)
 _KL_BLOCK_K_FP64 = 4
 _KL_MAX_BLOCK_CO_FP64 = 32
 _KL_WARPS_FP64 = 4
-# mse, float64 FMA products of at most 8192 elements per step: Gram tiles [BC, BC] (BC <= 32)
-# over BK pixels; backward [BLOCK_N, BLOCK_CO] tiles over BLOCK_K channels.
-_GRAM_BLOCK = (32, 8)  # (max BC, BK)
+# mse, float64 tensor-core products (_common._mm): Gram tiles [BC, BC] (BC <= 64) over BK
+# pixels; backward [BLOCK_N, BLOCK_CO] tiles (two of them, _MSE_BWD_ELEMS elements each) over
+# BLOCK_K channels.
+_GRAM_BLOCK = (64, 16)  # (max BC, BK)
 _GRAM_TARGET_PROGRAMS = 512
 _MSE_MAX_BLOCK_CO = 128
-_MSE_BWD_ELEMS = 8192
-_MSE_BWD_BLOCK_K = 4
+_MSE_BWD_ELEMS = 2048
+_MSE_BWD_BLOCK_K = 16
 # 8 warps keep the backward's float64 [pixels, k, channels] products in registers (4 spilled up to
 # 704 bytes in Triton 3.8's sm_90 build).
 _MSE_BWD_WARPS = 8
@@ -464,6 +466,8 @@ def _pr_gram_kernel(
     """One [BC, BC] tile of m_ss = A A^T, m_st = A T^T or m_tt = T T^T (axis 0: the tiles of
     the three in that order) over the split's pixels, float64, into part[split, b]: the three
     Grams packed as Cs * Cs + Cs * Ct + Ct * Ct values per (split, b)."""
+    FROM16: tl.constexpr = min(s_ptr.dtype.element_ty.primitive_bitwidth,
+                               t_ptr.dtype.element_ty.primitive_bitwidth) == 16
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = (tl.program_id(2) + b0).to(tl.int64)
@@ -492,7 +496,7 @@ def _pr_gram_kernel(
             y = _normalized_cols(s_ptr, b, c2, Cs, n, mn, W, sB, sC, sH, sW, sN, SFLAT)
         else:
             y = _normalized_cols(t_ptr, b, c2, Ct, n, mn, W, tB, tC, tH, tW, tN, TFLAT)
-        acc = _mm(x, tl.trans(y), acc)
+        acc = _mm_from16(x, tl.trans(y), acc, FROM16)
     per = Cs * Cs + Cs * Ct + Ct * Ct
     out = part_ptr + (split * B + b) * per + offset + c1[:, None] * C2 + c2[None, :]
     tl.store(out, acc, mask=(c1 < C1)[:, None] & (c2 < C2)[None, :])
@@ -555,7 +559,7 @@ def _mse_da(s_base, t_base, mss_ptr, mst_ptr, b, co, Cs, Ct, n, mask_n, os_, ot,
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float64)
         sq_s += tl.sum(a * a, axis=1)
         m = tl.load(mss[None, :] + k[:, None], mask=mask_k[:, None] & mask_co[None, :], other=0.0)
-        acc_s = _mm(a, m, acc_s)
+        acc_s = _mm_from16(a, m, acc_s, s_base.dtype.element_ty.primitive_bitwidth == 16)
     for k0 in range(0, Ct, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         mask_k = k < Ct
@@ -563,7 +567,7 @@ def _mse_da(s_base, t_base, mss_ptr, mst_ptr, b, co, Cs, Ct, n, mask_n, os_, ot,
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float64)
         sq_t += tl.sum(t * t, axis=1)
         m = tl.load(mst[None, :] + k[:, None], mask=mask_k[:, None] & mask_co[None, :], other=0.0)
-        acc_t = _mm(t, m, acc_t)
+        acc_t = _mm_from16(t, m, acc_t, t_base.dtype.element_ty.primitive_bitwidth == 16)
     nrm_s = tl.sqrt(sq_s)
     da = acc_s * _inv_norm(nrm_s)[:, None] - acc_t * _inv_norm(tl.sqrt(sq_t))[:, None]
     return da, nrm_s
@@ -751,7 +755,7 @@ def _pixel_relation_mse_bwd(
     gx = torch.empty_like(fs)
     block_co = _pow2(Cs, 16, _MSE_MAX_BLOCK_CO)
     block_k = _MSE_BWD_BLOCK_K
-    block_n = max(1, _MSE_BWD_ELEMS // (block_co * block_k))
+    block_n = max(16, _MSE_BWD_ELEMS // block_co)
     sB, sC, sH, sW, sN, sflat = _strides(fs)
     tB, tC, tH, tW, tN, tflat = _strides(ft)
     gB, gC, gH, gW, gN, gflat = _strides(gx)

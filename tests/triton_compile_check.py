@@ -43,7 +43,7 @@ TENSOR_CORE_KERNELS = {"_la_attend_kernel", "_la_bwd_kernel", "_pr_kl_fwd_kernel
                        "_cr_backward_kernel"}
 # The kernels whose float64 products are tl.dot tiles of at least 16 x 16 x 16 (_common._mm): the
 # relation Grams and the pixel-relation mse backward, float64 mma for every input dtype (float32
-# mma for the steps computed from 16-bit inputs).
+# mma for the steps computed from 16-bit inputs) where Triton has float64 dots (_common.F64_DOT).
 FLOAT64_TENSOR_CORE_KERNELS = {"_cr_gram_kernel", "_pr_gram_kernel", "_pr_mse_bwd_kernel"}
 
 # Spill stores + loads per launch, in bytes: a few words of spill are harmless, hundreds in a
@@ -170,7 +170,9 @@ def compile_one(job: tuple[dict, str, int]) -> tuple[str | None, str, int]:
         return (f"{launch['name']}({typed}) [floats {float_type}]: {type(exc).__name__}: {why.strip()[:300]}",
                 launch["name"], 0)
     fp64 = any(kind[:2] == ["tensor", "float64"] for kind in launch["args"].values())
-    expect_mma = (launch["name"] in FLOAT64_TENSOR_CORE_KERNELS
+    from kdkernels.triton._common import F64_DOT  # float64 dots: Triton 3.5 and later
+
+    expect_mma = ((launch["name"] in FLOAT64_TENSOR_CORE_KERNELS and F64_DOT)
                   or (launch["name"] in TENSOR_CORE_KERNELS and not fp64))
     if expect_mma and "mma" not in compiled.asm["ptx"]:
         return (f"{launch['name']}({typed}): no mma / wgmma instruction in its PTX (expected tensor-core "

@@ -4,8 +4,8 @@ Device helpers (@triton.jit): _div (round-to-nearest division), _inv_norm (1 / m
 _log1p_minus_x (log(1 + v) - v without cancellation, for the near-teacher KLs),
 _cast_for (rounding conversion for a store), _pixel_offsets (element offsets of flat pixel
 indices through the H/W strides), _mm (a tile matrix product in the accumulation type, see its
-docstring for the precision per dtype), _mm_from16 (its float64 form for operands computed
-from 16-bit loads), _f64 (a float64 parameter passed as bits), _fixed_sum.
+docstring for the precision per dtype), _fma_mm (its float64 FMA form), _mm_from16 (its
+float64 form for operands computed from 16-bit loads), _f64 (a float64 parameter passed as bits), _fixed_sum.
 Kernels: _finish_kernel (a loss as the fixed-order sum of partials), _scale_kernel (a unit
 gradient times the upstream gradient).
 Host helpers: _acc_dtype, _flat, _strides, _bits, _pow2, _batch_chunks (the launches of a batch
@@ -45,6 +45,18 @@ _EPS = tl.constexpr(1e-12)
 # float64 tensor cores, see _mm): tf32x3 there comes within eager float32's error by as little as
 # 10% near the teacher (docs/ops/channel_relation_loss.md).
 _DOT_PRECISION = tl.constexpr(os.environ.get("KDKERNELS_DOT_PRECISION", "tf32x3"))
+
+
+
+def _triton_at_least(major: int, minor: int) -> bool:
+    return tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (major, minor)
+
+
+# Float64 tl.dot (lowered to the float64 tensor cores from sm_80) exists from Triton 3.5; earlier
+# releases reject it, and there float64 tiles multiply by FMA (_mm) in the FMA-sized tiles the
+# kernels choose from F64_DOT.
+F64_DOT = _triton_at_least(3, 5)
+_F64_DOT = tl.constexpr(F64_DOT)
 
 
 def _interpreted(kernel) -> bool:
@@ -121,14 +133,21 @@ def _pixel_offsets(n, W, sH, sW, sN, FLAT: tl.constexpr):
 
 
 @triton.jit
+def _fma_mm(a, b, acc):
+    """acc + a @ b in float64 by FMA: a broadcast product reduced over K."""
+    return acc + tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
+
+
+@triton.jit
 def _mm(a, b, acc):
     """acc + a @ b for tiles a [M, K], b [K, N] and an accumulator acc [M, N].
 
-    * acc float64, M, N and K all at least 16: tl.dot in float64, which Triton lowers to the
-      float64 tensor-core mma (mma.sync .f64, sm_80 and later: IEEE float64 products and sums,
-      tests/triton_compile_check.py checks the PTX) and to FMA before sm_80.
-    * acc float64, a smaller tile: FMA, as a broadcast product reduced over K; keep M * K * N
-      small (a few thousand).
+    * acc float64, M, N and K all at least 16 (and Triton 3.5 or later, F64_DOT): tl.dot in
+      float64, which Triton lowers to the float64 tensor-core mma (mma.sync .f64, sm_80 and
+      later: IEEE float64 products and sums, tests/triton_compile_check.py checks the PTX) and
+      to FMA before sm_80.
+    * acc float64 otherwise: FMA, as a broadcast product reduced over K; keep M * K * N small
+      (a few thousand).
     * acc float32, a and b float32 (or wider): tl.dot with _DOT_PRECISION ("tf32x3").
     * acc float32, a float16/bfloat16 (b of the same type): tl.dot on the tensor cores in that
       type; the products of 16-bit floats are exact in fp32 and the accumulation is fp32.
@@ -138,10 +157,14 @@ def _mm(a, b, acc):
     """
     # (Nested ifs, no chained and/or: older Triton front ends reject those.)
     if acc.dtype.is_fp64():
-        if min(a.shape[0], a.shape[1], b.shape[1]) >= 16:
-            r = tl.dot(a.to(tl.float64), b.to(tl.float64), acc, out_dtype=tl.float64)
+        DOT: tl.constexpr = (a.shape[0] >= 16) & (a.shape[1] >= 16) & (b.shape[1] >= 16)
+        if DOT:
+            if _F64_DOT:
+                r = tl.dot(a.to(tl.float64), b.to(tl.float64), acc, out_dtype=tl.float64)
+            else:
+                r = _fma_mm(a, b, acc)
         else:
-            r = acc + tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
+            r = _fma_mm(a, b, acc)
     elif a.dtype.is_fp16():
         r = tl.dot(a, b.to(tl.float16), acc)
     elif a.dtype.is_bf16():
@@ -157,13 +180,16 @@ def _mm(a, b, acc):
 @triton.jit
 def _mm_from16(a, b, acc, FROM16: tl.constexpr):
     """_mm(a, b, acc) for a float64 accumulator, where FROM16 says that a or b is computed from
-    16-bit loads: Triton (3.6 to 3.8) cannot lower a float64 tensor-core dot whose operands it
-    traces back to 16-bit loads (an assertion in its MMAv2 lowering), so that step is a float32
-    "tf32x3" dot of a and b rounded to float32 (products good to ~2^-22, far below the 2^-9 ..
-    2^-12 rounding of the 16-bit inputs themselves), added in float64."""
+    16-bit loads: Triton (3.6 and 3.8 checked) cannot lower a float64 tensor-core dot whose
+    operands it traces back to 16-bit loads (an assertion in its MMAv2 lowering), so with F64_DOT
+    that step is a float32 "tf32x3" dot of a and b rounded to float32 (products good to ~2^-22,
+    far below the 2^-9 .. 2^-12 rounding of the 16-bit inputs themselves), added in float64."""
     if FROM16:
-        r = acc + tl.dot(a.to(tl.float32), b.to(tl.float32),
-                         input_precision=_DOT_PRECISION).to(tl.float64)
+        if _F64_DOT:
+            r = acc + tl.dot(a.to(tl.float32), b.to(tl.float32),
+                             input_precision=_DOT_PRECISION).to(tl.float64)
+        else:
+            r = _mm(a, b, acc)
     else:
         r = _mm(a, b, acc)
     return r

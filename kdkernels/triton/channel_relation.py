@@ -37,6 +37,8 @@ import triton
 import triton.language as tl
 
 from kdkernels.triton._common import (
+    _F64_DOT,
+    F64_DOT,
     _acc_dtype,
     _batch_chunks,
     _bits,
@@ -58,11 +60,11 @@ from kdkernels.triton._common import (
 
 __all__ = ["channel_relation"]
 
-# Gram tiles: [BC, BC] outputs (BC = C rounded up to a power of two, 16 .. 64), BK pixels per
-# step, float64 tensor-core products (_common._mm); splits of N so that about
-# _GRAM_TARGET_PROGRAMS programs run (_common._split_k).
-_GRAM_BLOCK = (64, 16)  # (max BC, BK)
-_GRAM_WARPS = 8
+# Gram tiles: [BC, BC] outputs (BC = C rounded up to a power of two, 16 .. max BC), BK pixels
+# per step, float64 tensor-core products (_common._mm; FMA-sized tiles on a Triton without
+# float64 dots); splits of N so that about _GRAM_TARGET_PROGRAMS programs run (_common._split_k).
+_GRAM_BLOCK = (64, 16) if F64_DOT else (32, 8)  # (max BC, BK)
+_GRAM_WARPS = 8 if F64_DOT else 4
 _GRAM_TARGET_PROGRAMS = 512
 # Tail: BR rows of the C x C matrices at a time, all columns (padded to a power of two).
 _TAIL_ELEMS = 2048
@@ -122,9 +124,12 @@ def _gram_tile(x_ptr, b, c1, c2, C, W, start, end, inv_tau,
             mx1 = new1
             mx2 = new2
         elif FROM16:
-            # Products of 16-bit floats are exact in float32: a 16-bit tensor-core step, added in
-            # float64.
-            acc += _mm(x1, x2, tl.zeros([BC, BC], dtype=tl.float32)).to(tl.float64)
+            if _F64_DOT:
+                # Products of 16-bit floats are exact in float32: a 16-bit tensor-core step,
+                # added in float64 (see _mm_from16 for why not a float64 dot).
+                acc += _mm(x1, x2, tl.zeros([BC, BC], dtype=tl.float32)).to(tl.float64)
+            else:
+                acc = _mm(x1.to(tl.float64), x2.to(tl.float64), acc)
         else:
             acc = _mm(x1.to(tl.float64), x2.to(tl.float64), acc)
     return acc, mx1, z1

@@ -58,6 +58,7 @@ import triton
 import triton.language as tl
 
 from kdkernels.triton._common import (
+    F64_DOT,
     _acc_dtype,
     _batch_chunks,
     _bits,
@@ -105,12 +106,13 @@ _KL_MAX_BLOCK_CO_FP64 = 32
 _KL_WARPS_FP64 = 4
 # mse, float64 tensor-core products (_common._mm): Gram tiles [BC, BC] (BC <= 64) over BK
 # pixels; backward [BLOCK_N, BLOCK_CO] tiles (two of them, _MSE_BWD_ELEMS elements each) over
-# BLOCK_K channels.
-_GRAM_BLOCK = (64, 16)  # (max BC, BK)
+# BLOCK_K channels. On a Triton without float64 dots, FMA products of at most 8192 elements per
+# step: BC <= 32, BK 8, BLOCK_K 4.
+_GRAM_BLOCK = (64, 16) if F64_DOT else (32, 8)  # (max BC, BK)
 _GRAM_TARGET_PROGRAMS = 512
 _MSE_MAX_BLOCK_CO = 128
 _MSE_BWD_ELEMS = 2048
-_MSE_BWD_BLOCK_K = 16
+_MSE_BWD_BLOCK_K = 16 if F64_DOT else 4
 # 8 warps keep the backward's float64 [pixels, k, channels] products in registers (4 spilled up to
 # 704 bytes in Triton 3.8's sm_90 build).
 _MSE_BWD_WARPS = 8
@@ -466,8 +468,8 @@ def _pr_gram_kernel(
     """One [BC, BC] tile of m_ss = A A^T, m_st = A T^T or m_tt = T T^T (axis 0: the tiles of
     the three in that order) over the split's pixels, float64, into part[split, b]: the three
     Grams packed as Cs * Cs + Cs * Ct + Ct * Ct values per (split, b)."""
-    FROM16: tl.constexpr = min(s_ptr.dtype.element_ty.primitive_bitwidth,
-                               t_ptr.dtype.element_ty.primitive_bitwidth) == 16
+    FROM16: tl.constexpr = ((s_ptr.dtype.element_ty.primitive_bitwidth == 16)
+                            | (t_ptr.dtype.element_ty.primitive_bitwidth == 16))
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = (tl.program_id(2) + b0).to(tl.int64)
@@ -755,7 +757,10 @@ def _pixel_relation_mse_bwd(
     gx = torch.empty_like(fs)
     block_co = _pow2(Cs, 16, _MSE_MAX_BLOCK_CO)
     block_k = _MSE_BWD_BLOCK_K
-    block_n = max(16, _MSE_BWD_ELEMS // block_co)
+    if F64_DOT:
+        block_n = max(16, _MSE_BWD_ELEMS // block_co)
+    else:
+        block_n = max(1, 4 * _MSE_BWD_ELEMS // (block_co * block_k))
     sB, sC, sH, sW, sN, sflat = _strides(fs)
     tB, tC, tH, tW, tN, tflat = _strides(ft)
     gB, gC, gH, gW, gN, gflat = _strides(gx)

@@ -157,7 +157,10 @@ __device__ __forceinline__ void gram_chunk(const double* As, const double* Bs, d
       for (int n = 0; n < 4; ++n) {
         const double b = Bs[(k + q) * kLd + n0 + 8 * n];
 #pragma unroll
-        for (int m = 0; m < 2; ++m) mma_f64(acc[2 * m + n / 2][2 * (n % 2)], acc[2 * m + n / 2][2 * (n % 2) + 1], a[m], b);
+        for (int m = 0; m < 2; ++m) {
+          double(&d)[kMicro] = acc[2 * m + n / 2];
+          mma_f64(d[2 * (n % 2)], d[2 * (n % 2) + 1], a[m], b);
+        }
       }
     }
   } else {

@@ -5,7 +5,8 @@ _log1p_minus_x (log(1 + v) - v without cancellation, for the near-teacher KLs),
 _cast_for (rounding conversion for a store), _pixel_offsets (element offsets of flat pixel
 indices through the H/W strides), _mm (a tile matrix product in the accumulation type, see its
 docstring for the precision per dtype), _fma_mm (its float64 FMA form), _mm_from16 (its
-float64 form for operands computed from 16-bit loads), _f64 (a float64 parameter passed as bits), _fixed_sum.
+float64 form for operands that are or come from 16-bit loads), _f64 (a float64 parameter passed
+as bits), _fixed_sum.
 Kernels: _finish_kernel (a loss as the fixed-order sum of partials), _scale_kernel (a unit
 gradient times the upstream gradient).
 Host helpers: _acc_dtype, _flat, _strides, _bits, _pow2, _batch_chunks (the launches of a batch
@@ -47,15 +48,10 @@ _EPS = tl.constexpr(1e-12)
 _DOT_PRECISION = tl.constexpr(os.environ.get("KDKERNELS_DOT_PRECISION", "tf32x3"))
 
 
-
-def _triton_at_least(major: int, minor: int) -> bool:
-    return tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (major, minor)
-
-
 # Float64 tl.dot (lowered to the float64 tensor cores from sm_80) exists from Triton 3.5; earlier
 # releases reject it, and there float64 tiles multiply by FMA (_mm) in the FMA-sized tiles the
 # kernels choose from F64_DOT.
-F64_DOT = _triton_at_least(3, 5)
+F64_DOT = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 5)
 _F64_DOT = tl.constexpr(F64_DOT)
 
 
@@ -179,15 +175,15 @@ def _mm(a, b, acc):
 
 @triton.jit
 def _mm_from16(a, b, acc, FROM16: tl.constexpr):
-    """_mm(a, b, acc) for a float64 accumulator, where FROM16 says that a or b is computed from
-    16-bit loads: Triton (3.6 and 3.8 checked) cannot lower a float64 tensor-core dot whose
-    operands it traces back to 16-bit loads (an assertion in its MMAv2 lowering), so with F64_DOT
-    that step is a float32 "tf32x3" dot of a and b rounded to float32 (products good to ~2^-22,
-    far below the 2^-9 .. 2^-12 rounding of the 16-bit inputs themselves), added in float64."""
+    """_mm(a, b, acc) for a float64 accumulator, where FROM16 says that a and b are, or are
+    computed from, 16-bit loads: Triton (3.6 and 3.8 checked) cannot lower a float64 tensor-core
+    dot whose operands it traces back to 16-bit loads (an assertion in its MMAv2 lowering), so
+    with F64_DOT that step is a float32 _mm added in float64: 16-bit a and b multiply exactly in
+    their own type; computed ones as "tf32x3" products of their float32 roundings (good to
+    ~2^-22, far below the 2^-9 .. 2^-12 rounding of the 16-bit inputs themselves)."""
     if FROM16:
         if _F64_DOT:
-            r = acc + tl.dot(a.to(tl.float32), b.to(tl.float32),
-                             input_precision=_DOT_PRECISION).to(tl.float64)
+            r = acc + _mm(a, b, tl.zeros(acc.shape, dtype=tl.float32)).to(tl.float64)
         else:
             r = _mm(a, b, acc)
     else:

@@ -37,7 +37,6 @@ import triton
 import triton.language as tl
 
 from kdkernels.triton._common import (
-    _F64_DOT,
     F64_DOT,
     _acc_dtype,
     _batch_chunks,
@@ -92,8 +91,8 @@ def _gram_tile(x_ptr, b, c1, c2, C, W, start, end, inv_tau,
                SOFTMAX: tl.constexpr, FLAT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     """[BC, BC] float64 Gram tile of rows c1 x rows c2 over pixels [start, end), with (SOFTMAX)
     the rows' running maxima of x / tau over those pixels and their sums of exp(x / tau - max).
-    16-bit rows: the raw products exact in a 16-bit tensor-core step ("l2"), the exponentials'
-    through _mm_from16 ("softmax")."""
+    16-bit rows go through _mm_from16: the raw products exact in a 16-bit tensor-core step
+    ("l2"), the float64 exponentials as tf32x3 products ("softmax")."""
     FROM16: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth == 16
     m1_ok = c1 < C
     m2_ok = c2 < C
@@ -123,15 +122,8 @@ def _gram_tile(x_ptr, b, c1, c2, C, W, start, end, inv_tau,
             acc = _mm_from16(e1, tl.exp(u2 - new2[None, :]), acc, FROM16)
             mx1 = new1
             mx2 = new2
-        elif FROM16:
-            if _F64_DOT:
-                # Products of 16-bit floats are exact in float32: a 16-bit tensor-core step,
-                # added in float64 (see _mm_from16 for why not a float64 dot).
-                acc += _mm(x1, x2, tl.zeros([BC, BC], dtype=tl.float32)).to(tl.float64)
-            else:
-                acc = _mm(x1.to(tl.float64), x2.to(tl.float64), acc)
         else:
-            acc = _mm(x1.to(tl.float64), x2.to(tl.float64), acc)
+            acc = _mm_from16(x1, x2, acc, FROM16)
     return acc, mx1, z1
 
 

@@ -107,7 +107,7 @@ _KL_WARPS_FP64 = 4
 # mse, float64 tensor-core products (_common._mm): Gram tiles [BC, BC] (BC <= 64) over BK
 # pixels; backward [BLOCK_N, BLOCK_CO] tiles (two of them, _MSE_BWD_ELEMS elements each) over
 # BLOCK_K channels. On a Triton without float64 dots, FMA products of at most 8192 elements per
-# step: BC <= 32, BK 8, BLOCK_K 4.
+# step: BC <= 32, BK 8, BLOCK_K 4 (the same BLOCK_N).
 _GRAM_BLOCK = (64, 16) if F64_DOT else (32, 8)  # (max BC, BK)
 _GRAM_TARGET_PROGRAMS = 512
 _MSE_MAX_BLOCK_CO = 128
@@ -757,10 +757,7 @@ def _pixel_relation_mse_bwd(
     gx = torch.empty_like(fs)
     block_co = _pow2(Cs, 16, _MSE_MAX_BLOCK_CO)
     block_k = _MSE_BWD_BLOCK_K
-    if F64_DOT:
-        block_n = max(16, _MSE_BWD_ELEMS // block_co)
-    else:
-        block_n = max(1, 4 * _MSE_BWD_ELEMS // (block_co * block_k))
+    block_n = _MSE_BWD_ELEMS // block_co  # 16 .. 128: block_co is 16 .. 128
     sB, sC, sH, sW, sN, sflat = _strides(fs)
     tB, tC, tH, tW, tN, tflat = _strides(ft)
     gB, gC, gH, gW, gN, gflat = _strides(gx)

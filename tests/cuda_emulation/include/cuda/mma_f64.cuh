@@ -25,7 +25,8 @@ inline void mma_f64(double& d0, double& d1, double a, double b) {
   for (unsigned i = 0; i < 2; ++i) {
     const unsigned c = 2 * q + i;
     double acc = *d[i];
-    for (unsigned k = 0; k < 4; ++k) acc = std::fma(::emu::mma_f64_a[base + 4 * g + k], ::emu::mma_f64_b[base + 4 * c + k], acc);
+    for (unsigned k = 0; k < 4; ++k)
+      acc = std::fma(::emu::mma_f64_a[base + 4 * g + k], ::emu::mma_f64_b[base + 4 * c + k], acc);
     *d[i] = acc;
   }
   warp.arrive_and_wait();
